@@ -1,0 +1,68 @@
+import subprocess
+import sys
+
+import pytest
+
+from config import Config, ConfigError, config_from_dict, get_config, parse_args, to_dict, PRESETS
+
+
+def test_defaults_are_the_shapes_preset_and_valid():
+    cfg = parse_args([])
+    assert cfg.run_name == "shapes" and cfg.latent_space == "pixel" and cfg.data_source == "shapes"
+    assert cfg == get_config("shapes")
+
+
+def test_every_preset_validates():
+    for name in PRESETS:
+        cfg = get_config(name)
+        assert cfg.run_name == name
+    flowers = get_config("flowers")
+    assert (flowers.hidden_size, flowers.num_heads, flowers.depth, flowers.refiner_depth) == (768, 12, 16, 2)
+    assert (flowers.latent_channels, flowers.vae_downsample, flowers.text_dim) == (16, 8, 1152)
+    assert (flowers.max_token_length, flowers.target_resolution, flowers.bucket_align) == (128, 448, 32)
+    assert (flowers.batch_size, flowers.learning_rate, flowers.ema_decay) == (16, 2e-4, 0.999)
+
+
+def test_overrides_are_typed():
+    cfg = parse_args(["flowers", "batch_size=8", "learning_rate=1e-4", "hflip=true", "sampler=heun"])
+    assert cfg.batch_size == 8 and isinstance(cfg.batch_size, int)
+    assert cfg.learning_rate == 1e-4 and cfg.hflip is True and cfg.sampler == "heun"
+    assert parse_args(["shift=3"]).shift == 3.0 and isinstance(parse_args(["shift=3"]).shift, float)
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["batch_sise=8"], "batch_sise"),
+    (["batch_size=eight"], "batch_size"),
+    (["hflip=maybe"], "hflip"),
+    (["nopreset"], "nopreset"),
+    (["hidden_size=100", "num_heads=3"], "hidden_size"),
+    (["hidden_size=36", "num_heads=6"], "num_heads"),     # head dim 6: not divisible by 4 (2D RoPE)
+    (["flowers", "bucket_align=24"], "bucket_align"),
+    (["sampler=ddim"], "sampler"),
+    (["loss=mae"], "loss"),
+    (["latent_space=flux"], "vae"),
+    (["latent_space=pixel", "latent_channels=4"], "latent_channels"),
+    (["ema_decay=1.5"], "ema_decay"),
+    (["batch_size=0"], "batch_size"),
+])
+def test_bad_settings_name_the_key(argv, key):
+    with pytest.raises(ConfigError) as e:
+        parse_args(argv)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match="did you mean batch_size"):
+        parse_args(["batch_sise=8"])
+
+
+def test_round_trip_through_dict():
+    cfg = parse_args(["tiny", "depth=3"])
+    assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def test_script_prints_one_line_error():
+    r = subprocess.run([sys.executable, "config.py", "foo=1"], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown setting 'foo'")
+    assert "Traceback" not in r.stderr
