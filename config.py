@@ -111,7 +111,7 @@ class Config:
     val_prompts: str = ""              # '|'-separated prompts for sample grids; "" = preset's
     # --- sampling (samplers.py, sample.py, evaluate.py) ---
     sampler: str = "euler"             # euler | heun | rk4
-    sample_steps: int = 30             # ODE steps (NFE = steps x 1/2/4 for euler/heun/rk4)
+    sample_steps: int = 30             # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
     cfg_scale: float = 4.0             # classifier-free guidance scale (1 = off)
 
     @property

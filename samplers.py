@@ -1,0 +1,280 @@
+"""Rectified flow: noising, targets, time shifts, timestep sampling, ODE samplers, guidance.
+
+Time convention, used everywhere in this repo:
+
+    t in [0, 1];  t = 0 is clean data, t = 1 is pure noise.
+    x_t = (1 - t) * x0 + t * eps                       (rectified flow, Liu et al. 2022; SD3, Esser et al. 2024)
+    v   = dx_t/dt = eps - x0                           (the velocity target)
+    sampling integrates dx/dt = v(x, t) from t = 1 (noise) down to t = 0 (data).
+
+The network may predict the velocity (prediction="v") or the clean sample (prediction="x", Li & He 2025,
+"Back to Basics: Let Denoising Generative Models Denoise"); the loss and the samplers always work in
+velocity space, converting an x-prediction with v = (x_t - x0_hat) / max(t, t_min).
+
+Everything here is a small pure function of tensors; the model knows nothing of the schedule.
+Tensors x are (B, C, H, W) (any trailing shape works); t is a (B,) tensor or a Python float.
+"""
+import math
+
+import torch
+
+from config import SAMPLERS, ConfigError
+
+# ----------------------------------------------------------------------------------------------------
+# Noising, targets and conversions between the two parametrisations
+
+
+def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
+    """t as a float, 0-d or (B,) tensor -> broadcastable against x: (B, 1, 1, 1) in x's dtype."""
+    t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+    return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() > 0 else t
+
+
+def add_noise(x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """x_t = (1 - t) x0 + t eps: the straight line from data (t=0) to noise (t=1)."""
+    t = _per_sample(t, x0)                                         # (B, 1, 1, 1)
+    return (1 - t) * x0 + t * eps                                  # (B, C, H, W)
+
+
+def velocity_target(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """v = d x_t / dt = eps - x0 (constant along each straight path)."""
+    return eps - x0
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+    """x0 = x_t - t v (exact inverse of add_noise given the true velocity)."""
+    return x_t - _per_sample(t, x_t) * v
+
+
+def velocity_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, t, t_min: float) -> torch.Tensor:
+    """v = (x_t - x0_hat) / t, with t clamped at t_min (Li & He 2025): near t=0 the division would
+    amplify any error in x0_hat without bound, so the implied velocity is damped there instead."""
+    return (x_t - x0_hat) / _per_sample(t, x_t).clamp(min=t_min)
+
+
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min: float) -> torch.Tensor:
+    """The network output (a velocity or a clean sample, per prediction "v" | "x") as a velocity."""
+    if prediction == "v":
+        return out
+    if prediction == "x":
+        return velocity_from_x0(x_t, out, t, t_min)
+    raise ConfigError(f"prediction={prediction!r}: must be v or x")
+
+
+def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str) -> torch.Tensor:
+    """The network output as a clean-sample estimate x0_hat (for image-space losses and previews)."""
+    if prediction == "v":
+        return x0_from_velocity(x_t, out, t)
+    if prediction == "x":
+        return out
+    raise ConfigError(f"prediction={prediction!r}: must be v or x")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Time shifts: move the training/sampling time toward noise for larger images (SD3 Sec. 5.3.2, FLUX)
+
+
+def shift_time(t, s: float):
+    """t' = s t / (1 + (s - 1) t) (SD3 eq. 23 with t=1 noise). Fixes 0 and 1, monotone; s > 1 pushes
+    t toward 1, so more training samples and sampling steps are spent near noise, where a high
+    resolution image still has its global structure undecided. s = 1 is the identity."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def flux_mu(num_image_tokens: int, base_len: int = 256, max_len: int = 4096,
+            base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+    """FLUX's log shift, linear in the image sequence length: base_shift at base_len tokens, max_shift
+    at max_len tokens (extrapolated outside). num_image_tokens = (latent H / patch) * (latent W / patch)."""
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return base_shift + slope * (num_image_tokens - base_len)
+
+
+def dynamic_shift_time(t, mu: float):
+    """FLUX's time shift exp(mu) / (exp(mu) + (1/t - 1)), written without the 1/t so t=0 is defined.
+    It equals shift_time(t, exp(mu))."""
+    e = math.exp(mu)
+    return e * t / (e * t + (1 - t))
+
+
+def time_shift_for(cfg, num_image_tokens: int) -> float:
+    """The shift factor s for an image of this many tokens: exp(flux_mu) when cfg.dynamic_shift,
+    else cfg.shift. Use the same s for training timesteps and the sampling grid."""
+    return math.exp(flux_mu(num_image_tokens)) if cfg.dynamic_shift else cfg.shift
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training timesteps and the sampling grid
+
+
+def sample_timesteps(batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                     shift: float = 1.0, generator: torch.Generator = None, device="cpu") -> torch.Tensor:
+    """(B,) float32 training times in [0, 1].
+
+    uniform: t ~ U[0, 1). logit_normal: t = sigmoid(n), n ~ N(mean, std^2) (SD3 Sec. 3.1: puts more
+    weight on the middle times where the velocity is hardest to predict); its median is sigmoid(mean).
+    Then the time shift (shift_time) is applied. Pass a seeded generator (on `device`) to reproduce.
+    """
+    if kind == "uniform":
+        t = torch.rand(batch, generator=generator, device=device)
+    elif kind == "logit_normal":
+        t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
+    else:
+        raise ConfigError(f"t_sampling={kind!r}: must be uniform or logit_normal")
+    return shift_time(t, shift) if shift != 1.0 else t                 # (B,)
+
+
+def time_grid(steps: int, shift: float = 1.0, dtype=torch.float64, device=None) -> torch.Tensor:
+    """(steps + 1,) times from 1 (noise) down to 0 (data): a uniform grid passed through shift_time,
+    so sampling spends its steps where training put its timesteps."""
+    if steps < 1:
+        raise ConfigError(f"sample_steps={steps}: must be > 0")
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    t = shift_time(t, shift)
+    t[0], t[-1] = 1.0, 0.0                     # exact endpoints whatever the rounding
+    return t.to(dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# ODE solvers: one step from t to t_next < t of dx/dt = v(x, t). velocity_fn(x, t) takes t as (B,).
+
+
+def _call(velocity_fn, x: torch.Tensor, t: float) -> torch.Tensor:
+    return velocity_fn(x, torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device))
+
+
+def euler_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """First order: 1 evaluation."""
+    return x + (t_next - t) * _call(velocity_fn, x, t)
+
+
+def heun_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """Second order (explicit trapezoid, as in Karras et al. 2022 Alg. 1): 2 evaluations, except a step
+    that ends at t = 0, which is a plain Euler step (1 evaluation): an x-prediction's velocity is not
+    defined at t = 0, and the last step's Euler error is still O(h^2), so the order is kept."""
+    h = t_next - t
+    v = _call(velocity_fn, x, t)
+    x_euler = x + h * v
+    if t_next == 0:
+        return x_euler
+    return x + h * 0.5 * (v + _call(velocity_fn, x_euler, t_next))
+
+
+def rk4_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+    """Classic fourth-order Runge-Kutta: 4 evaluations (the last at t_next, which is 0 on the final
+    step; an x-prediction's velocity there uses the t_min clamp)."""
+    h = t_next - t
+    k1 = _call(velocity_fn, x, t)
+    k2 = _call(velocity_fn, x + 0.5 * h * k1, t + 0.5 * h)
+    k3 = _call(velocity_fn, x + 0.5 * h * k2, t + 0.5 * h)
+    k4 = _call(velocity_fn, x + h * k3, t_next)
+    return x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+
+
+STEP_FUNCTIONS = {"euler": euler_step, "heun": heun_step, "rk4": rk4_step}
+assert set(STEP_FUNCTIONS) == set(SAMPLERS)
+
+
+def nfe_for(method: str, steps: int) -> int:
+    """Velocity evaluations sample_ode makes: euler = steps, heun = 2*steps - 1, rk4 = 4*steps."""
+    return {"euler": steps, "heun": 2 * steps - 1, "rk4": 4 * steps}[method]
+
+
+@torch.no_grad()
+def sample_ode(velocity_fn, noise: torch.Tensor, steps: int, method: str = "euler", shift: float = 1.0,
+               callback=None, progress: bool = False):
+    """Integrate dx/dt = velocity_fn(x, t) from t = 1 (x = noise) to t = 0 on time_grid(steps, shift).
+
+    Returns (x0, nfe), nfe = the number of velocity_fn calls (one batched CFG forward counts once):
+    see nfe_for. callback(i, t_next, x_next) is called after each step i = 0..steps-1 (e.g. to plot
+    the trajectory; to_x0 turns a velocity into the current clean estimate).
+    """
+    if method not in STEP_FUNCTIONS:
+        raise ConfigError(f"sampler={method!r}: must be one of {', '.join(SAMPLERS)}")
+    step_fn = STEP_FUNCTIONS[method]
+    nfe = 0
+
+    def counted(x, t):
+        nonlocal nfe
+        nfe += 1
+        return velocity_fn(x, t)
+
+    grid = time_grid(steps, shift).tolist()    # Python floats: step sizes computed in float64
+    x = noise
+    iterator = range(steps)
+    if progress:
+        from tqdm import tqdm
+        iterator = tqdm(iterator, desc=f"{method} x{steps}", leave=False)
+    for i in iterator:
+        x = step_fn(counted, x, grid[i], grid[i + 1])
+        if callback is not None:
+            callback(i, grid[i + 1], x)
+    return x, nfe
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classifier-free guidance (Ho & Salimans 2022), in velocity space
+
+
+def _pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int):
+    """Right-pad (B, L, D) embeddings and their (B, L) mask to `length` tokens (padding masked out)."""
+    extra = length - text.shape[1]
+    if extra == 0:
+        return text, mask
+    text = torch.cat([text, text.new_zeros(text.shape[0], extra, text.shape[2])], dim=1)
+    mask = torch.cat([mask, mask.new_zeros(mask.shape[0], extra)], dim=1)
+    return text, mask
+
+
+def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_scale: float,
+                       prediction: str, t_min: float, neg_text: torch.Tensor = None,
+                       neg_mask: torch.Tensor = None):
+    """A velocity_fn(x, t) for sample_ode: v = v_u + s (v_c - v_u).
+
+    text (B, L, D), text_mask (B, L) bool. The unconditional branch is the model's learned null caption
+    (drop=True), or the negative prompt embeddings when given (neg_text (B or 1, L', D), drop=False).
+    Conditional and unconditional run in ONE forward of batch 2B; scale 1 runs the conditional only
+    (batch B). The guidance is applied to velocities: an x-prediction is converted first, so every
+    sampler and both parametrisations mix the same quantity.
+    """
+    if (neg_text is None) != (neg_mask is None):
+        raise ValueError("neg_text and neg_mask must be given together")
+
+    def velocity_fn(x, t):
+        B = x.shape[0]
+        if cfg_scale == 1.0:
+            out = model(x, t, text, text_mask, drop=None).to(x.dtype)           # (B, C, H, W)
+            return to_velocity(out, x, t, prediction, t_min)
+        if neg_text is None:
+            un_text, un_mask = text, text_mask       # ignored by the model: drop=True uses the null caption
+            drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
+        else:
+            un_text = neg_text.expand(B, -1, -1)
+            un_mask = neg_mask.expand(B, -1)
+            drop = torch.zeros(2 * B, dtype=torch.bool, device=x.device)
+        length = max(text.shape[1], un_text.shape[1])
+        c_text, c_mask = _pad_tokens(text, text_mask, length)
+        u_text, u_mask = _pad_tokens(un_text, un_mask, length)
+        x2, t2 = torch.cat([x, x]), torch.cat([t, t])                           # (2B, C, H, W), (2B,)
+        out = model(x2, t2, torch.cat([c_text, u_text]), torch.cat([c_mask, u_mask]), drop=drop)
+        v_cond, v_uncond = to_velocity(out.to(x.dtype), x2, t2, prediction, t_min).chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)                       # (B, C, H, W)
+
+    return velocity_fn
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss per timestep bucket (minRF logs this: the loss is very different near data and near noise)
+
+
+def timestep_bucket(t: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """(B,) long index of t in n equal buckets of [0, 1]: [0, 1/n), ..., [(n-1)/n, 1] (t=1 in the last)."""
+    return (t.detach().float() * n).long().clamp(0, n - 1)
+
+
+def loss_per_bucket(per_sample_loss: torch.Tensor, t: torch.Tensor, n: int = 4):
+    """(sums, counts), both (n,) float: the detached per-sample losses summed per time bucket, and how
+    many samples fell in each; accumulate over a logging window, then log sums / counts."""
+    idx = timestep_bucket(t, n).to(per_sample_loss.device)
+    sums = torch.zeros(n, device=per_sample_loss.device).index_add_(0, idx, per_sample_loss.detach().float())
+    counts = torch.bincount(idx, minlength=n).float()
+    return sums, counts

@@ -1,0 +1,105 @@
+"""generate_graph.py: PNGs from a synthetic log (with blank cells), optional val.csv and gates, clean errors."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import generate_graph as G  # noqa: E402
+from config import ConfigError  # noqa: E402
+
+LOG_COLUMNS = ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr", "grad_norm",
+               "images_per_s", "peak_mem_mb"]
+
+
+def write_log(run_dir, rows=40, gates=("refiner0_mean", "final0_max"), blank_buckets=False):
+    os.makedirs(run_dir, exist_ok=True)
+    columns = LOG_COLUMNS + [f"gate_{g}" for g in gates]
+    with open(os.path.join(run_dir, "log.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        for i in range(rows):
+            step = (i + 1) * 25
+            loss = 0.5 * math.exp(-i / 10) + 0.05
+            buckets = ["", "", "", ""] if blank_buckets or i % 7 == 3 else \
+                [loss * (0.5 + k / 2) for k in range(4)]
+            row = [step, i // 10, loss, *buckets, 1e-3 * min(1, i / 5), 0.8, 120.0, 512.0]
+            row += ["" if i % 5 == 2 else 0.1 * j + 0.01 * i for j in range(len(gates))]
+            w.writerow(row)
+    return run_dir
+
+
+def assert_png(path):
+    assert os.path.isfile(path), path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_writes_all_graphs(tmp_path):
+    run = write_log(str(tmp_path / "run"))
+    with open(os.path.join(run, "val.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "val_loss", "val_loss_t0", "val_loss_t1", "val_loss_t2", "val_loss_t3"])
+        w.writerow([500, 0.3, 0.1, 0.2, "", 0.5])
+        w.writerow([1000, 0.2, 0.05, 0.15, 0.2, 0.4])
+    written = G.make_graphs(run)
+    assert [os.path.basename(p) for p in written] == ["loss.png", "loss_per_t.png", "gates.png"]
+    for p in written:
+        assert_png(p)
+        assert os.path.dirname(p) == run
+
+
+def test_skips_gates_and_empty_buckets(tmp_path):
+    run = write_log(str(tmp_path / "run"), gates=(), blank_buckets=True)
+    written = G.make_graphs(run)
+    assert [os.path.basename(p) for p in written] == ["loss.png"]
+    assert_png(written[0])
+    assert not os.path.exists(os.path.join(run, "gates.png"))
+
+
+def test_reader_blank_cells_and_partial_rows(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss,lr\n1,0.5,\n2,,0.1\n3,0.3\n,0.2,0.1\n")   # blanks, short row, row without a step
+    cols = G.read_csv_columns(str(path))
+    assert cols["step"] == [1.0, 2.0, 3.0]
+    assert cols["loss"][0] == 0.5 and math.isnan(cols["loss"][1]) and cols["loss"][2] == 0.3
+    assert math.isnan(cols["lr"][0]) and math.isnan(cols["lr"][2])
+    smooth = G.ema_smooth([1.0, math.nan, 3.0], 0.5)
+    assert smooth[0] == 1.0 and smooth[1] == 1.0                  # bias-corrected: starts at the value
+    assert smooth[2] == pytest.approx((0.25 * 1 + 0.5 * 3) / 0.75)
+
+
+def test_missing_and_empty_log_raise_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="log.csv: no such file"):
+        G.make_graphs(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.csv").write_text("step,epoch,loss\n")
+    with pytest.raises(ConfigError, match="empty log"):
+        G.make_graphs(str(tmp_path / "empty"))
+
+
+def test_cli(tmp_path):
+    missing = subprocess.run([sys.executable, "generate_graph.py", str(tmp_path / "missing")], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0 and "no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    run = write_log(str(tmp_path / "run"), rows=5)
+    ok = subprocess.run([sys.executable, "generate_graph.py", run], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote 3 graphs" in ok.stdout
+    assert_png(os.path.join(run, "loss.png"))
+
+
+def test_import_does_not_load_matplotlib():
+    out = subprocess.run([sys.executable, "-c", "import sys, generate_graph, samplers; "
+                          "print('matplotlib' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "False\n", out.stderr
