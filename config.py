@@ -40,12 +40,15 @@ class Config:
     data_dir: str = "data/shapes"      # images + .txt/.caption captions (shapes: generated if missing)
     cache_dir: str = "data/cache/shapes"  # preprocess.py writes latents + text embeddings here
     num_shapes: int = 3000             # images in the generated shapes data set
+    data_seed: int = 0                 # seed of the generated shapes data set (apart from `seed`)
     target_resolution: int = 32        # buckets keep about target_resolution**2 pixels (e.g. 448)
     bucket_align: int = 8              # bucket sides are multiples of this (of vae_downsample*patch_size)
     max_aspect_ratio: float = 2.0      # buckets span aspect ratios 1/x .. x
     val_fraction: float = 0.02         # share of samples held out for validation (hash of file name)
     caption_dropout: float = 0.1       # probability a caption is replaced by the learned null caption
     hflip: bool = False                # random horizontal flip (off: captions say left/right)
+    preprocess_batch_size: int = 16    # images per VAE / text-encoder batch in preprocess.py
+    max_upscale: float = 2.0           # preprocess skips images that must be enlarged more than this to fill a bucket
     # --- latent space (latents.py) ---
     latent_space: str = "pixel"        # pixel (no VAE) | flux ((z-shift)*scale) | sd (z*scale)
     vae: str = ""                      # AutoencoderKL hub id or local path ("" for pixel)
@@ -149,7 +152,7 @@ class Config:
         for key in ["hidden_size", "num_heads", "depth", "patch_size", "latent_channels", "vae_downsample",
                     "text_dim", "max_token_length", "batch_size", "grad_accum", "max_steps",
                     "sample_steps", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "max_nonfinite", "bucket_align", "num_shapes"]:
+                    "max_nonfinite", "bucket_align", "num_shapes", "preprocess_batch_size"]:
             need(getattr(self, key) > 0, key, "must be > 0")
         for key in ["refiner_depth", "fourier_final_depth", "warmup_steps", "val_every", "num_workers",
                     "weight_decay", "grad_clip", "offset_noise", "max_minutes", "fourier_amp_loss",
@@ -158,6 +161,7 @@ class Config:
         for key in ["learning_rate", "shift", "t_std", "huber_delta", "mlp_ratio", "max_aspect_ratio"]:
             need(getattr(self, key) > 0, key, "must be > 0")
         need(self.max_aspect_ratio >= 1, "max_aspect_ratio", "must be >= 1")
+        need(self.max_upscale >= 1, "max_upscale", "must be >= 1")
         for key in ["ema_decay", "caption_dropout", "val_fraction", "self_consistency_start",
                     "beta1", "beta2"]:
             need(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
