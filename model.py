@@ -1,0 +1,493 @@
+"""Single-stream Diffusion Transformer (DiT) for text-to-image rectified flow.
+
+    latents (B, C, H, W) -> patches -> noise refiner (image only, t-modulated) ----------+
+    text (B, L, text_dim) -> caption embed -> context refiner (text only, no t) ---+     |
+                                                                                   [text; image]
+        -> `depth` joint single-stream blocks (t-modulated, one attention over both)
+        -> image tokens -> Fourier final stack -> final AdaLN + linear -> unpatchify -> (B, C, H, W)
+
+Refiners before one joint stream follow Lumina-Image 2.0 / Z-Image; one sequence for text and image
+follows SD3/FLUX single-stream blocks. The model knows nothing of the noise schedule: it maps
+(x_t, t, text) to a velocity or a clean sample (cfg.prediction), the caller decides which.
+
+    python model.py [preset] [key=value ...]   # parameter counts, FLOPs and a shape check
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ROPE_THETA = 10000.0    # RoPE base (RoFormer)
+TIME_FREQ_DIM = 256     # sinusoidal timestep features before the MLP (DiT)
+FOURIER_GAIN_STEPS = 8  # learned filter gain every 1/16 cycle: a 17 x 9 map over (row, column) frequency
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 3              # latent channels (3 in pixel space)
+    patch_size: int = 2               # latent pixels per patch side
+    hidden_size: int = 192            # transformer width D
+    num_heads: int = 4                # head dim = D / num_heads, divisible by 4 (2D RoPE)
+    depth: int = 4                    # joint single-stream blocks
+    refiner_depth: int = 1            # blocks in each of the noise and context refiners
+    text_dim: int = 384               # width of the text encoder's token embeddings
+    mlp_ratio: float = 2.75           # SwiGLU hidden = mlp_ratio * D (rounded to a multiple of 8)
+    fourier_refiner: bool = True      # global Fourier filter in the noise refiner blocks
+    fourier_final_depth: int = 1      # Fourier-filter blocks on image tokens after the joint stack
+    local_bias: bool = True           # depthwise 3x3 conv on image tokens in every image block
+    grad_checkpointing: bool = False  # recompute block activations in backward
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(f"hidden_size={self.hidden_size} / num_heads={self.num_heads} must give a "
+                             "head dim divisible by 4 (2D RoPE)")
+
+    @classmethod
+    def from_config(cls, cfg) -> "DiTConfig":
+        """The model part of a config.Config."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if f.name != "in_channels"},
+                   in_channels=cfg.latent_channels)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return max(8, round(self.mlp_ratio * self.hidden_size / 8) * 8)  # multiple of 8 for tensor cores
+
+
+# --- positions: 2D RoPE with text on the diagonal (Qwen-Image MSRoPE) -------------------------------
+
+def joint_positions(h: int, w: int, text_len: int, device=None):
+    """(rows, cols), each (text_len + h*w,), of the [text; image] sequence.
+
+    Image token (r, c) sits on its grid cell; text token i sits at (m + i, m + i) with m = max(h, w), on
+    the diagonal just outside the grid (Qwen-Image MSRoPE), so text and image never share a position and
+    text-to-text offsets are the same for every bucket shape.
+    """
+    m = max(h, w)
+    text = torch.arange(text_len, device=device) + m
+    rows = torch.arange(h, device=device).repeat_interleave(w)   # (h*w,) row-major like the patches
+    cols = torch.arange(w, device=device).repeat(h)
+    return torch.cat([text, rows]), torch.cat([text, cols])
+
+
+def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int):
+    """cos, sin (L, head_dim/2): the first half of each head rotates with the row, the second with the column."""
+    n = head_dim // 4  # rotation pairs per axis
+    freqs = ROPE_THETA ** (-torch.arange(n, device=rows.device, dtype=torch.float32) / n)    # (n,)
+    angles = torch.cat([rows.float()[:, None] * freqs, cols.float()[:, None] * freqs], 1)  # (L, head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2k], x[2k+1]) of x (..., L, head_dim) by the angles behind cos/sin (L, head_dim/2)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                                        # (..., L, hd/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)     # (..., L, hd)
+
+
+def timestep_features(t: torch.Tensor, dim: int = TIME_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of 1000 t (DDPM/DiT): t in [0, 1] spans the familiar 0..1000 range."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000 * t.float()[:, None] * freqs                                            # (B, dim/2)
+    return torch.cat([args.cos(), args.sin()], -1)                                      # (B, dim)
+
+
+def modulate(x, shift, scale):
+    return x if shift is None else x * (1 + scale) + shift
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its weight cast to the input's dtype, so bf16 activations get the fused kernel."""
+
+    def forward(self, x):
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+
+# --- building blocks ---------------------------------------------------------------------------------
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer 2020, as in LLaMA / Lumina); both input matrices fused into one Linear."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, -1)                                                  # (B, L, F) each
+        return self.w3(F.silu(a) * b)                                                    # (B, L, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused QKV, QK-RMSNorm (SD3 / ViT-22B, keeps logits bounded), 2D RoPE, SDPA."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = RMSNorm(dim // num_heads, eps=1e-6)
+        self.k_norm = RMSNorm(dim // num_heads, eps=1e-6)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x, rope, mask):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # (B, nh, L, hd) each
+        q = apply_rope(self.q_norm(q), *rope).to(v.dtype)
+        k = apply_rope(self.k_norm(k), *rope).to(v.dtype)
+        # mask (B, 1, 1, L) bool, True = may be attended to; None lets SDPA pick its fastest (flash) kernel
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)                      # (B, nh, L, hd)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))                             # (B, L, D)
+
+
+class GlobalFourierFilter(nn.Module):
+    """GFNet global filter (Rao et al. 2021): x + gate * irfft2(G * rfft2(x)) over the image-token grid.
+
+    G is a learned complex gain per channel, stored as a fixed 17 x 9 map over (row, column) frequency
+    and sampled bilinearly at each grid's own rfft frequencies, so one filter serves every bucket shape.
+    G starts all-pass and the gate at zero: the filter starts as an exact no-op and learns to mix globally.
+    The FFT runs in fp32 (bf16 FFTs are inaccurate and limited to power-of-two sizes).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        K = FOURIER_GAIN_STEPS  # rows: fy = -0.5 .. 0.5, columns: fx = 0 .. 0.5, in steps of 1 / (2K)
+        gain = torch.zeros(1, 2 * dim, 2 * K + 1, K + 1)                     # [real; imaginary] channels
+        gain[:, :dim] = 1.0
+        self.gain = nn.Parameter(gain)
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def gain_for(self, h: int, w: int):
+        """Real and imaginary gain, (h, w//2+1, D) each, at the frequencies of an h x w rfft2."""
+        fy = torch.fft.fftfreq(h, device=self.gain.device)             # (h,) in [-0.5, 0.5)
+        fx = torch.fft.rfftfreq(w, device=self.gain.device)            # (w//2+1,) in [0, 0.5]
+        grid = torch.stack(torch.meshgrid(4 * fx - 1, 2 * fy, indexing="xy"), -1)  # (h, w//2+1, 2) in [-1, 1]
+        g = F.grid_sample(self.gain.float(), grid[None], mode="bilinear", align_corners=True)  # (1, 2D, h, w//2+1)
+        return g[0].permute(1, 2, 0).chunk(2, -1)                        # (h, w//2+1, D) each
+
+    def forward(self, x, h: int, w: int):
+        B, N, D = x.shape
+        spec = torch.fft.rfft2(x.float().view(B, h, w, D), dim=(1, 2), norm="ortho")      # (B, h, w//2+1, D)
+        re, im = torch.view_as_real(spec).unbind(-1)  # complex product in real arithmetic (inductor-friendly)
+        g_re, g_im = self.gain_for(h, w)
+        spec = torch.view_as_complex(torch.stack([re * g_re - im * g_im, re * g_im + im * g_re], -1))
+        y = torch.fft.irfft2(spec, s=(h, w), dim=(1, 2), norm="ortho")                  # (B, h, w, D)
+        return x + self.gate.to(x.dtype) * y.reshape(B, N, D).to(x.dtype)                # (B, N, D)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; AdaLN-zero modulation from t (DiT, Peebles & Xie 2023) unless unmodulated.
+
+    Token mixer: attention, optionally after a global Fourier filter (image-only blocks), or the Fourier
+    filter alone (attention=False). A zero-initialised depthwise 3x3 conv on the image tokens adds a local
+    spatial bias that attention would otherwise have to learn from RoPE. Image tokens are the last h*w.
+    """
+
+    def __init__(self, dc: DiTConfig, modulated=True, attention=True, fourier=False, local_bias=False):
+        super().__init__()
+        D = dc.hidden_size
+        self.norm1 = RMSNorm(D, eps=1e-6, elementwise_affine=not modulated)
+        self.norm2 = RMSNorm(D, eps=1e-6, elementwise_affine=not modulated)
+        self.attn = Attention(D, dc.num_heads) if attention else None
+        self.fourier = GlobalFourierFilter(D) if fourier else None
+        self.local = nn.Conv2d(D, D, 3, padding=1, groups=D) if local_bias else None
+        self.mlp = SwiGLU(D, dc.mlp_hidden)
+        self.adaLN = nn.Linear(D, 6 * D) if modulated else None  # one fused projection for all six
+
+    def forward(self, x, cond, rope, mask, grid):
+        h, w = grid
+        T = x.shape[1] - h * w  # leading text tokens
+        mods = [None] * 6
+        if self.adaLN is not None:
+            mods = self.adaLN(cond)[:, None].chunk(6, -1)                               # (B, 1, D) each
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        y = modulate(self.norm1(x), shift1, scale1)                                      # (B, L, D)
+        if self.fourier is not None:
+            assert T == 0, "the Fourier filter sees image tokens only"
+            y = self.fourier(y, h, w)
+        mixed = self.attn(y, rope, mask) if self.attn is not None else y
+        if self.local is not None:
+            img = y[:, T:].transpose(1, 2).unflatten(2, (h, w))                          # (B, D, h, w)
+            local = self.local(img).flatten(2).transpose(1, 2)                           # (B, h*w, D)
+            mixed = mixed + F.pad(local, (0, 0, T, 0))                                   # (B, L, D)
+        x = x + (mixed if gate1 is None else gate1 * mixed)
+        y = self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x + (y if gate2 is None else gate2 * y)                                   # (B, L, D)
+
+
+class FinalLayer(nn.Module):
+    """AdaLN (shift, scale) + zero-initialised linear to patch pixels (DiT)."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.adaLN = nn.Linear(dim, 2 * dim)
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, cond):
+        shift, scale = self.adaLN(cond)[:, None].chunk(2, -1)                            # (B, 1, D) each
+        return self.linear(modulate(self.norm(x), shift, scale))                         # (B, N, p*p*C)
+
+
+# --- the model ---------------------------------------------------------------------------------------
+
+class SingleStreamDiT(nn.Module):
+    """Text-to-image DiT: refiners for each modality, then one joint stream over [text; image] tokens."""
+
+    def __init__(self, dc: DiTConfig):
+        super().__init__()
+        self.dc = dc
+        D, p, C = dc.hidden_size, dc.patch_size, dc.in_channels
+        self.patch_embed = nn.Linear(p * p * C, D)
+        self.caption_embed = nn.Sequential(RMSNorm(dc.text_dim, eps=1e-6), nn.Linear(dc.text_dim, D))
+        self.null_caption = nn.Parameter(torch.randn(D) * 0.02)  # learned "no caption" token (CFG, dropout)
+        self.time_embed = nn.Sequential(nn.Linear(TIME_FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
+        # Noise refiner sees t; the context refiner does not (as in Lumina-Image 2.0), so its output for a
+        # prompt is the same at every sampling step and text tokens enter the joint stream t-independent.
+        self.noise_refiner = nn.ModuleList(Block(dc, fourier=dc.fourier_refiner, local_bias=dc.local_bias)
+                                           for _ in range(dc.refiner_depth))
+        self.context_refiner = nn.ModuleList(Block(dc, modulated=False) for _ in range(dc.refiner_depth))
+        self.joint_blocks = nn.ModuleList(Block(dc, local_bias=dc.local_bias) for _ in range(dc.depth))
+        self.final_stack = nn.ModuleList(Block(dc, attention=False, fourier=True, local_bias=dc.local_bias)
+                                         for _ in range(dc.fourier_final_depth))
+        self.final_layer = FinalLayer(D, p * p * C)
+        self._rope_cache = {}  # (h, w, text_len, device, dtype) -> (cos, sin); plain dict, not in state_dict
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):  # DiT: Xavier-uniform matrices, zero biases
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for m in self.time_embed[::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        # AdaLN-zero: shift = scale = gate = 0 makes every block the identity, and the zero final linear
+        # makes an untrained model output exactly zero (DiT, section 3.2).
+        for block in [*self.noise_refiner, *self.joint_blocks, *self.final_stack, self.final_layer]:
+            nn.init.zeros_(block.adaLN.weight)
+            nn.init.zeros_(block.adaLN.bias)
+            if getattr(block, "local", None) is not None:
+                nn.init.zeros_(block.local.weight)
+                nn.init.zeros_(block.local.bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def rope_tables(self, h: int, w: int, text_len: int, device, dtype):
+        """cos, sin (text_len + h*w, head_dim/2) in the compute dtype, built once per bucket shape."""
+        def build():
+            rows, cols = joint_positions(h, w, text_len, device)
+            return tuple(a.to(dtype) for a in rope_angles(rows, cols, self.dc.head_dim))
+        if torch.compiler.is_compiling():  # traced into the graph (one per shape) instead of a python cache
+            return build()
+        key = (h, w, text_len, torch.device(device), dtype)
+        if key not in self._rope_cache:
+            with torch.inference_mode(False):  # a table first built while sampling must serve training too
+                self._rope_cache[key] = build()
+        return self._rope_cache[key]
+
+    def _run(self, block, *args):
+        if self.dc.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(self, x, t, text, text_mask, drop=None, text_padded=None):
+        """x (B, C, H, W), t (B,), text (B, L, text_dim), text_mask (B, L) bool (True = real token),
+        drop (B,) bool or None (True = null caption). Returns (B, C, H, W).
+
+        text_padded: whether any caption is padded (or dropped). None works it out with one host sync
+        (or, under torch.compile, always masks); pass False when no sample is padded and none dropped
+        to get the unmasked (flash) attention kernel without a sync.
+        """
+        dc, p = self.dc, self.dc.patch_size
+        B, C, H, W = x.shape
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of patch_size={p}")
+        if C != dc.in_channels or text.shape[-1] != dc.text_dim:
+            raise ValueError(f"got {C} latent channels and text_dim {text.shape[-1]}; "
+                             f"the model expects in_channels={dc.in_channels}, text_dim={dc.text_dim}")
+        h, w, L = H // p, W // p, text.shape[1]
+        N = h * w
+        dtype = self.patch_embed.weight.dtype
+        compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else dtype
+
+        patches = x.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, N, p * p * C)  # (B, N, p*p*C)
+        img = self.patch_embed(patches.to(dtype))                                        # (B, N, D)
+        cond = F.silu(self.time_embed(timestep_features(t).to(dtype)))                   # (B, D)
+        txt = self.caption_embed(text.to(dtype))                                         # (B, L, D)
+
+        # Null caption (CFG / caption dropout): token 0 = learned null embedding, the rest masked out. A
+        # caption with no real token at all is treated as dropped, so every sample attends to something.
+        text_mask = text_mask.bool()
+        empty = ~text_mask.any(1)                                                        # (B,)
+        dropped = empty if drop is None else drop.bool() | empty
+        only_first = torch.arange(L, device=x.device) == 0                               # (L,)
+        text_mask = torch.where(dropped[:, None], only_first, text_mask)                 # (B, L)
+        txt = torch.where(dropped[:, None, None], self.null_caption.to(txt.dtype), txt)
+        txt = txt.masked_fill(~text_mask[..., None], 0.0)  # padding content can never leak in (not even NaN)
+
+        if text_padded is None:
+            text_padded = True if torch.compiler.is_compiling() else bool((~text_mask).any())
+        else:
+            text_padded = text_padded or (drop is not None and L > 1)
+        text_attn_mask = joint_attn_mask = None  # None: no padding, SDPA may use its unmasked kernels
+        if text_padded:
+            text_attn_mask = text_mask[:, None, None, :]                                 # (B, 1, 1, L)
+            joint_attn_mask = F.pad(text_mask, (0, N), value=True)[:, None, None, :]     # (B, 1, 1, L+N)
+
+        cos, sin = self.rope_tables(h, w, L, x.device, compute_dtype)                    # (L+N, hd/2) each
+        for block in self.noise_refiner:
+            img = self._run(block, img, cond, (cos[L:], sin[L:]), None, (h, w))          # (B, N, D)
+        for block in self.context_refiner:
+            txt = self._run(block, txt, None, (cos[:L], sin[:L]), text_attn_mask, (0, 0))  # (B, L, D)
+        tokens = torch.cat([txt, img], 1)                                                # (B, L+N, D)
+        for block in self.joint_blocks:
+            tokens = self._run(block, tokens, cond, (cos, sin), joint_attn_mask, (h, w))
+        img = tokens[:, L:]                                                              # (B, N, D)
+        for block in self.final_stack:
+            img = self._run(block, img, cond, None, None, (h, w))
+        out = self.final_layer(img, cond)                                                # (B, N, p*p*C)
+        out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)   # (B, C, H, W)
+        return out.to(x.dtype)
+
+    # --- training helpers ---
+
+    def param_groups(self, weight_decay: float) -> list:
+        """AdamW groups: decay on weight matrices only; none on norms, biases, gates, the null caption,
+        the time embedding and the Fourier gain maps (decay would pull them towards 0, not towards init)."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            embedding = name.startswith(("null_caption", "time_embed.")) or name.endswith(".gain")
+            (no_decay if param.ndim < 2 or embedding else decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def fourier_gate_stats(self) -> dict:
+        """Mean |gate| of each Fourier filter, e.g. {"noise_refiner.0": 0.01, "final_stack.0": 0.2}."""
+        filters = {n.removesuffix(".fourier"): m for n, m in self.named_modules() if isinstance(m, GlobalFourierFilter)}
+        if not filters:
+            return {}
+        return dict(zip(filters, torch.stack([m.gate.detach().abs().mean() for m in filters.values()]).tolist()))
+
+    def parameter_counts(self) -> dict:
+        """Parameters per component (the null caption counts as caption embedding), plus the total."""
+        parts = ["patch_embed", "caption_embed", "time_embed", "noise_refiner", "context_refiner",
+                 "joint_blocks", "final_stack", "final_layer"]
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in parts}
+        counts["caption_embed"] += self.null_caption.numel()
+        return {**counts, "total": sum(p.numel() for p in self.parameters())}
+
+    # --- export ---
+
+    def save_pretrained(self, path: str):
+        """Write path/model.safetensors and path/config.json (the DiTConfig), each atomically."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        weights, cfg = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, weights + ".tmp")
+        with open(cfg + ".tmp", "w") as f:
+            json.dump(asdict(self.dc), f, indent=2)
+        os.replace(weights + ".tmp", weights)
+        os.replace(cfg + ".tmp", cfg)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device="cpu") -> "SingleStreamDiT":
+        """Load a folder written by save_pretrained; a missing or mismatching file is a one-line error."""
+        from safetensors.torch import load_file
+        cfg_path, weights_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+        for f in (cfg_path, weights_path):
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"{f}: not found (expected a folder written by save_pretrained)")
+        try:
+            with open(cfg_path) as f:
+                dc = DiTConfig(**json.load(f))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cfg_path}: not a valid DiTConfig ({e})") from None
+        try:
+            state = load_file(weights_path)
+        except Exception as e:
+            raise ValueError(f"{weights_path}: cannot read ({e})") from None
+        model = cls(dc)
+        expected = model.state_dict()
+        problems = [f"missing {k}" for k in expected if k not in state]
+        problems += [f"unexpected {k}" for k in state if k not in expected]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}"
+                     for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        if problems:
+            more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ValueError(f"{weights_path}: weights do not match {cfg_path}: {'; '.join(problems[:3])}{more}")
+        model.load_state_dict(state)
+        return model.to(device)
+
+
+# --- FLOPs (for MFU) ---------------------------------------------------------------------------------
+
+def flops_breakdown(dc: DiTConfig, height: int, width: int, text_len: int) -> dict:
+    """Forward FLOPs (2 x multiply-accumulates) of one image by kind, for a height x width latent.
+
+    Counts every matmul: embeddings, QKV/out/SwiGLU/AdaLN projections ("linear"), attention scores and
+    values over the full (masked or not) sequence ("attention"), and the final layer. Ignores elementwise
+    work: norms, RoPE, activations, the depthwise conv (9 MACs per value) and the FFTs.
+    """
+    p, D, Fh = dc.patch_size, dc.hidden_size, dc.mlp_hidden
+    if height % p or width % p:
+        raise ValueError(f"latent size {height}x{width} is not a multiple of patch_size={p}")
+    N, T = (height // p) * (width // p), text_len
+
+    def linear(L, attention=True, modulated=True):  # one block over L tokens
+        return L * ((4 * D * D if attention else 0) + 3 * D * Fh) + (6 * D * D if modulated else 0)
+
+    def attention(L):
+        return 2 * L * L * D  # Q K^T and (softmax) V, all heads together
+
+    blocks = [(N, True, True)] * dc.refiner_depth + [(T, True, False)] * dc.refiner_depth \
+        + [(T + N, True, True)] * dc.depth + [(N, False, True)] * dc.fourier_final_depth
+    macs = {
+        "embed": N * p * p * dc.in_channels * D + T * dc.text_dim * D + TIME_FREQ_DIM * D + D * D,
+        "linear": sum(linear(L, a, m) for L, a, m in blocks),
+        "attention": sum(attention(L) for L, a, _ in blocks if a),
+        "final": N * D * p * p * dc.in_channels + 2 * D * D,
+    }
+    return {k: 2.0 * v for k, v in macs.items()}
+
+
+def flops_per_image(dc: DiTConfig, height: int, width: int, text_len: int) -> float:
+    """Forward FLOPs for one image (see flops_breakdown). A training step costs ~3x: backward is ~2x forward
+    (gradients w.r.t. inputs and weights), plus one more forward per block with grad_checkpointing."""
+    return sum(flops_breakdown(dc, height, width, text_len).values())
+
+
+def main():
+    from config import parse_args
+    cfg = parse_args()
+    dc = DiTConfig.from_config(cfg)
+    torch.manual_seed(cfg.seed)
+    model = SingleStreamDiT(dc).eval()
+    print(f"SingleStreamDiT: D={dc.hidden_size}, heads={dc.num_heads}, depth={dc.depth}, "
+          f"refiners={dc.refiner_depth}+{dc.refiner_depth}, Fourier final={dc.fourier_final_depth}")
+    for name, n in model.parameter_counts().items():
+        print(f"  {name + (' (Fourier)' if name == 'final_stack' else ''):22s} {n:>13,}")
+    side, L = cfg.target_resolution // cfg.vae_downsample, cfg.max_token_length
+    side -= side % dc.patch_size
+    fwd = flops_per_image(dc, side, side, L)
+    print(f"FLOPs per image at latent {side}x{side} ({(side // dc.patch_size) ** 2} image + {L} text tokens): "
+          f"forward {fwd / 1e9:.3f} GFLOP, training (3x forward) {3 * fwd / 1e9:.3f} GFLOP")
+    x, t, text = torch.randn(2, dc.in_channels, side, side), torch.rand(2), torch.randn(2, L, dc.text_dim)
+    mask = torch.arange(L)[None] < torch.tensor([[L], [max(1, L // 2)]])  # the second caption padded
+    with torch.no_grad():
+        out = model(x, t, text, mask, drop=torch.tensor([False, True]))
+    assert out.shape == x.shape
+    print(f"shape check: x {tuple(x.shape)} + text {tuple(text.shape)} -> out {tuple(out.shape)}")
+
+
+if __name__ == "__main__":
+    from config import main_guard
+    main_guard(main)
