@@ -48,7 +48,7 @@ class Config:
     caption_dropout: float = 0.1       # probability a caption is replaced by the learned null caption
     hflip: bool = False                # random horizontal flip (off: captions say left/right)
     preprocess_batch_size: int = 16    # images per VAE / text-encoder batch in preprocess.py
-    max_upscale: float = 2.0           # preprocess skips images that must be enlarged more than this to fill a bucket
+    max_upscale: float = 2.0           # preprocess skips images needing more enlargement to fill their bucket
     # --- latent space (latents.py) ---
     latent_space: str = "pixel"        # pixel (no VAE) | flux ((z-shift)*scale) | sd (z*scale)
     vae: str = ""                      # AutoencoderKL hub id or local path ("" for pixel)

@@ -1,0 +1,249 @@
+"""Speed, MFU and memory of training, sampling and preprocessing on whatever device is present.
+
+    python bench.py                                   # shapes preset on this machine
+    python bench.py flowers batch_size=16             # the full model at a 448x448 bucket
+    python bench.py flowers peak_tflops=165           # MFU against a peak you give (e.g. RTX 4090 bf16)
+    python bench.py flowers --compare grad_checkpointing=true    # baseline vs change, interleaved
+    python bench.py tiny --only train steps=5 warmup=2
+
+Inputs are synthetic (random latents and text embeddings of the preset's shapes), so no data is needed.
+Prints a small table and one JSON line (for tracking over time). Benchmarks print figures; they are not
+timed tests.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from config import ConfigError, apply_overrides, parse_args
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
+PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
+               "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
+               "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 155.0}
+BENCH_DEFAULTS = {"steps": 10, "warmup": 3, "peak_tflops": 0.0, "sample_batch": 8, "sample_steps": 4,
+                  "rounds": 3}
+
+
+def peak_for(device) -> float:
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_TFLOPS.items():
+        if key in name:
+            return peak
+    return 0.0
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
+
+
+def synthetic_batch(cfg, device, batch_size, padded=True, gen=None):
+    """Random latents at the square bucket and text embeddings with a realistic padding mask."""
+    side = cfg.target_resolution // cfg.vae_downsample
+    side -= side % cfg.patch_size
+    L = cfg.max_token_length
+    lengths = torch.randint(L // 4, L + 1, (batch_size,), generator=gen) if padded else torch.full((batch_size,), L)
+    mask = torch.arange(L)[None] < lengths[:, None]
+    return {"latents": torch.randn(batch_size, cfg.latent_channels, side, side, generator=gen).to(device),
+            "text": torch.randn(batch_size, L, cfg.text_dim, generator=gen).to(device),
+            "mask": mask.to(device), "drop": torch.zeros(batch_size, dtype=torch.bool, device=device)}
+
+
+class TrainStep:
+    """One configuration's model, EMA and optimiser, and a timed training step."""
+
+    def __init__(self, cfg, device):
+        import train as T
+        from model import DiTConfig, SingleStreamDiT
+        self.cfg, self.device, self.T = cfg, device, T
+        torch.manual_seed(cfg.seed)
+        self.model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)
+        self.ema = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
+        self.opt = T.make_optimizer(self.model, cfg)
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+        self.fwd = torch.compile(self.model) if use_compile else self.model
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.batch = synthetic_batch(cfg, device, cfg.batch_size)
+
+    def step(self):
+        cfg = self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        with self.T.autocast_for(cfg, self.device):
+            loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        self.opt.step()
+        self.T.update_ema(self.ema, self.model, cfg.ema_decay)
+
+    def time(self, steps) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - t0) / steps
+
+    def flops_per_step(self) -> float:
+        from model import DiTConfig, flops_per_image
+        h, w = self.batch["latents"].shape[-2:]
+        return 3 * flops_per_image(DiTConfig.from_config(self.cfg), h, w, self.cfg.max_token_length) * self.cfg.batch_size
+
+
+def bench_train(cfg, device, opts) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = TrainStep(cfg, device)
+    runner.time(opts["warmup"])
+    sec = runner.time(opts["steps"])
+    tflops = runner.flops_per_step() / sec / 1e12
+    peak = opts["peak_tflops"] or peak_for(device)
+    return {"train_s_per_step": sec, "train_images_per_s": cfg.batch_size / sec, "train_tflops": tflops,
+            "mfu": tflops / peak if peak else None, "peak_tflops": peak or None,
+            "peak_mem_gib": peak_memory_gib(device)}
+
+
+@torch.no_grad()
+def bench_sample(cfg, device, opts) -> dict:
+    """Seconds per image per NFE with CFG batched (one forward of 2B) and unbatched (two forwards of B)."""
+    import samplers as S
+    import train as T
+    from model import DiTConfig, SingleStreamDiT
+    model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).eval()
+    b = synthetic_batch(cfg, device, opts["sample_batch"])
+    batched = S.guided_velocity_fn(model, b["text"], b["mask"], cfg.cfg_scale, cfg.prediction, cfg.x_pred_t_min)
+    cond = S.guided_velocity_fn(model, b["text"], b["mask"], 1.0, cfg.prediction, cfg.x_pred_t_min)
+
+    def unbatched(x, t):  # the naive way: a second forward for the unconditional branch
+        drop = torch.ones(x.shape[0], dtype=torch.bool, device=device)
+        v_u = S.to_velocity(model(x, t, b["text"], b["mask"], drop), x, t, cfg.prediction, cfg.x_pred_t_min)
+        v_c = cond(x, t)
+        return v_u + cfg.cfg_scale * (v_c - v_u)
+
+    out = {}
+    for name, fn in (("cfg_batched", batched), ("cfg_unbatched", unbatched)):
+        def run():
+            with T.autocast_for(cfg, device):
+                S.sample_ode(fn, torch.randn_like(b["latents"]), opts["sample_steps"], "euler")
+        run()
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        sec = time.perf_counter() - t0
+        out[f"sample_{name}_s_per_image_per_nfe"] = sec / (opts["sample_batch"] * opts["sample_steps"])
+    return out
+
+
+@torch.no_grad()
+def bench_preprocess(cfg, device, opts) -> dict:
+    """Images/s through the latent space (VAE) and captions/s through the text encoder, batched."""
+    out = {}
+    side = cfg.target_resolution - cfg.target_resolution % cfg.bucket_align
+    images = torch.rand(opts["sample_batch"], 3, side, side, device=device) * 2 - 1
+    try:
+        from latents import LatentSpace
+        space = LatentSpace.from_config(cfg, device=device)
+        space.encode(images)
+        sync(device)
+        t0 = time.perf_counter()
+        space.encode(images)
+        sync(device)
+        out["vae_images_per_s"] = images.shape[0] / (time.perf_counter() - t0)
+    except Exception as e:  # no local VAE weights: report, do not fail the other figures
+        out["vae_images_per_s"] = f"skipped ({str(e).splitlines()[0][:80]})"
+    try:
+        from text_encoder import load_text_encoder
+        enc = load_text_encoder(cfg, device=device)
+        captions = ["a small red circle in the top left on a white background"] * opts["sample_batch"]
+        enc.encode(captions)
+        t0 = time.perf_counter()
+        enc.encode(captions)
+        sync(device)
+        out["text_captions_per_s"] = len(captions) / (time.perf_counter() - t0)
+    except Exception as e:
+        out["text_captions_per_s"] = f"skipped ({str(e).splitlines()[0][:80]})"
+    return out
+
+
+def compare(cfg_a, cfg_b, device, opts) -> dict:
+    """Baseline vs change in one process, interleaved rounds; ratio > 1 means B is faster."""
+    a, b = TrainStep(cfg_a, device), TrainStep(cfg_b, device)
+    a.time(opts["warmup"])
+    b.time(opts["warmup"])
+    times_a, times_b = [], []
+    for _ in range(opts["rounds"]):
+        times_a.append(a.time(opts["steps"]))
+        times_b.append(b.time(opts["steps"]))
+    ta, tb = statistics.median(times_a), statistics.median(times_b)
+    return {"a_s_per_step": ta, "b_s_per_step": tb, "speedup_b_over_a": ta / tb}
+
+
+def split_args(argv):
+    """Bench options (steps=, warmup=, peak_tflops=, ..., --only, --compare ...) apart from Config overrides."""
+    opts, only, compare_overrides, rest = dict(BENCH_DEFAULTS), None, None, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--only":
+            only = argv[i + 1].split(",")
+            i += 2
+            continue
+        if arg == "--compare":
+            compare_overrides = dict(a.split("=", 1) for a in argv[i + 1:])
+            break
+        key, sep, value = arg.partition("=")
+        if sep and key in BENCH_DEFAULTS:
+            try:
+                opts[key] = type(BENCH_DEFAULTS[key])(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
+        else:
+            rest.append(arg)
+        i += 1
+    return parse_args(rest), opts, only, compare_overrides
+
+
+def main():
+    cfg, opts, only, compare_overrides = split_args(sys.argv[1:])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
+        else torch.device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
+    result = {"preset": cfg.run_name, "device": name, "batch_size": cfg.batch_size,
+              "resolution": cfg.target_resolution, "tokens_text": cfg.max_token_length}
+    if compare_overrides is not None:
+        cfg_b = apply_overrides(cfg, compare_overrides).validate()
+        result.update(compare(cfg, cfg_b, device, opts), compare=compare_overrides)
+    else:
+        parts = only or ["train", "sample", "preprocess"]
+        for part in parts:
+            result.update({"train": bench_train, "sample": bench_sample, "preprocess": bench_preprocess}[part](
+                cfg, device, opts))
+    print(f"bench on {name}:")
+    for key, value in result.items():
+        shown = f"{value:.4g}" if isinstance(value, float) else value
+        print(f"  {key:40s} {shown}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,138 @@
+"""Summarise a preprocess.py cache and decode a few entries back to pixels, to see the cache is right.
+
+    python check_cache.py [preset] [key=value ...] [--decode N]
+
+Prints samples per bucket with latent shapes and dtypes, per-channel latent mean/std (recomputed from
+the files and compared with the manifest's), and caption token lengths (how many hit max_token_length,
+i.e. were probably truncated). Every file is loaded, so a damaged one is reported by name.
+--decode N writes, for N entries spread over the cache, <cache_dir>/check/<name>_decoded.png (the
+latents through the VAE decoder) beside <name>_source.png (the source image resized and cropped to its
+bucket) and prints the PSNR between the two: pixel space should be lossless up to 8-bit rounding,
+the FLUX VAE gives roughly 30 dB or more on photos.
+"""
+import math
+import os
+import sys
+from collections import Counter, defaultdict
+
+import torch
+from tqdm import tqdm
+
+from config import ConfigError, main_guard, parse_args
+from preprocess import CacheError, check_manifest, load_image, load_manifest, resize_and_crop, Skip
+
+
+def summarise_cache(cfg, manifest) -> dict:
+    """Load every cache file, check it against its entry, and print the statistics."""
+    per_bucket, shapes, dtypes, tokens, bad = Counter(), {}, set(), [], []
+    C = cfg.latent_channels
+    total, total_sq, count = torch.zeros(C, dtype=torch.float64), torch.zeros(C, dtype=torch.float64), 0
+    for source, e in tqdm(manifest["entries"].items(), desc="check", unit="file"):
+        path = os.path.join(cfg.cache_dir, e["file"])
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+            z = d["latents"]
+            assert list(z.shape) == e["latent_shape"], f"latents {tuple(z.shape)} != manifest {e['latent_shape']}"
+            assert d["text"].shape == (cfg.max_token_length, cfg.text_dim), f"text {tuple(d['text'].shape)}"
+        except Exception as err:
+            bad.append(path)
+            tqdm.write(f"warning: {path}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
+            continue
+        key = tuple(e["bucket"])
+        per_bucket[key] += 1
+        shapes[key] = "x".join(map(str, z.shape))
+        dtypes.add((str(z.dtype), str(d["text"].dtype), str(d["mask"].dtype)))
+        tokens.append(int(d["mask"].sum()))
+        z64 = z.double().flatten(1)                                           # (C, h*w)
+        total, total_sq, count = total + z64.sum(1), total_sq + z64.pow(2).sum(1), count + z64.shape[1]
+
+    print(f"cache {cfg.cache_dir}: {len(manifest['entries'])} samples, latent_space={manifest['latent_space']}, "
+          f"scale={manifest['scale']}, shift={manifest['shift']}, text_encoder={manifest['text_encoder']}")
+    print(f"{'bucket (WxH)':>14} {'latents (CxhxW)':>16} {'samples':>8}")
+    for key in sorted(per_bucket, key=lambda b: b[0] / b[1]):
+        print(f"{key[0]:>7}x{key[1]:<6} {shapes[key]:>16} {per_bucket[key]:>8}")
+    for latent_dtype, text_dtype, mask_dtype in sorted(dtypes):
+        print(f"dtypes: latents {latent_dtype}, text {text_dtype}, mask {mask_dtype}")
+    mean = std = None
+    if count:
+        mean = total / count
+        std = (total_sq / count - mean ** 2).clamp_min(0).sqrt()
+        print("latent mean per channel: " + " ".join(f"{v:+.3f}" for v in mean.tolist()))
+        print("latent std  per channel: " + " ".join(f"{v:.3f}" for v in std.tolist()))
+        if manifest.get("latent_mean") is not None:
+            diff = (mean - torch.tensor(manifest["latent_mean"], dtype=torch.float64)).abs().max().item()
+            print(f"  (manifest stats differ by at most {diff:.2e})")
+    if tokens:
+        at_max = sum(t >= cfg.max_token_length for t in tokens)
+        print(f"caption tokens: min {min(tokens)}, mean {sum(tokens) / len(tokens):.1f}, max {max(tokens)} "
+              f"of {cfg.max_token_length}; {at_max} at the limit (probably truncated)")
+    reasons = Counter(s["reason"] for s in manifest.get("skipped", {}).values())
+    if reasons:
+        print("skipped at preprocess: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common()))
+    return {"per_bucket": dict(per_bucket), "bad": bad, "tokens": tokens,
+            "mean": None if mean is None else mean.tolist(), "std": None if std is None else std.tolist()}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB between two images in [-1, 1] (peak-to-peak 2)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
+
+
+def decode_entries(cfg, manifest, n: int) -> list:
+    """Decode n entries spread over the cache; write <name>_decoded.png and <name>_source.png."""
+    from latents import LatentSpace, images_to_tensor, tensor_to_images
+    sources = sorted(manifest["entries"])
+    if not sources or n <= 0:
+        return []
+    picks = [sources[round(i * (len(sources) - 1) / max(n - 1, 1))] for i in range(min(n, len(sources)))]
+    picks = list(dict.fromkeys(picks))  # spread evenly, no duplicates
+    space = LatentSpace.from_config(cfg, stats=None)  # cached latents are before the optional mean/std
+    out_dir = os.path.join(cfg.cache_dir, "check")
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for source in tqdm(picks, desc="decode", unit="img"):
+        e = manifest["entries"][source]
+        stem = os.path.splitext(e["file"])[0]
+        d = torch.load(os.path.join(cfg.cache_dir, e["file"]), map_location="cpu", weights_only=True)
+        decoded = space.decode(d["latents"][None].float()).clamp(-1, 1)          # (1, 3, H, W)
+        decoded_path = os.path.join(out_dir, f"{stem}_decoded.png")
+        tensor_to_images(decoded)[0].save(decoded_path)
+        written.append(decoded_path)
+        line = f"{source}: {decoded_path}"
+        try:
+            src = resize_and_crop(load_image(os.path.join(cfg.data_dir, source)), tuple(e["bucket"]))
+            src_path = os.path.join(out_dir, f"{stem}_source.png")
+            src.save(src_path)
+            written.append(src_path)
+            line += f" vs {os.path.basename(src_path)}: PSNR {psnr(decoded, images_to_tensor([src])):.1f} dB"
+        except (Skip, OSError) as err:
+            line += f" (source unavailable: {err})"
+        tqdm.write(line)
+    return written
+
+
+def main():
+    argv = sys.argv[1:]
+    n_decode = 0
+    if "--decode" in argv:
+        i = argv.index("--decode")
+        try:
+            n_decode = int(argv[i + 1])
+        except (IndexError, ValueError):
+            raise ConfigError("--decode needs a number of entries, e.g. --decode 4") from None
+        argv = argv[:i] + argv[i + 2:]
+    cfg = parse_args(argv)
+    manifest = load_manifest(cfg.cache_dir)
+    if manifest is None:
+        raise CacheError(f"cache_dir={cfg.cache_dir}: no cache there; run python preprocess.py first")
+    check_manifest(cfg, manifest)
+    stats = summarise_cache(cfg, manifest)
+    written = decode_entries(cfg, manifest, n_decode)
+    print(f"checked {len(manifest['entries'])} files ({len(stats['bad'])} damaged) in "
+          f"{len(stats['per_bucket'])} buckets" + (f"; wrote {len(written)} PNGs to "
+                                                   f"{os.path.join(cfg.cache_dir, 'check')}" if written else ""))
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,184 @@
+"""How good is a run?
+
+    python evaluate.py runs/shapes                      # shapes: pixel-analysis scores per attribute
+    python evaluate.py runs/flowers --inception inception-2015-12-05.pt   # + FID on held-out images
+
+For the shapes data set it generates one image per fixed evaluation prompt (every attribute value,
+the held-out (colour, shape) pairs included), scores each by deterministic pixel analysis against its
+prompt (shapes.py) and prints a table per attribute, seen and held-out pairs apart; the scored grid goes
+to runs/<name>/eval/. For any data set it reports the validation loss per timestep bucket on the
+held-out split, and FID against held-out images when a local Inception network is given.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from config import ConfigError
+
+ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
+
+
+def eval_sizes(cfg):
+    """(W, H) in pixels for the square, wide and tall buckets of this run."""
+    import shapes
+    from preprocess import bucket_for, make_buckets
+    buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
+    return {aspect: tuple(bucket_for(*shapes.canvas_size(aspect, 96), buckets))
+            for aspect in ("square", "wide", "tall")}
+
+
+def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None, seed=0, out_dir=None,
+                    verbose=True):
+    """Generate the evaluation prompts, score them; returns {'seen': {...}, 'held_out': {...}, ...}."""
+    import shapes
+    from latents import LatentSpace
+    from sample import encode_prompts, generate, save_grid
+    attrs_list = shapes.eval_prompts()
+    prompts = [shapes.caption(a) for a in attrs_list]
+    space = LatentSpace.from_config(cfg, device=device)
+    text, mask = encode_prompts(cfg, prompts, device)
+    sizes = eval_sizes(cfg)
+    images = [None] * len(prompts)
+    t0 = time.time()
+    for aspect, size in sizes.items():
+        idx = [i for i, a in enumerate(attrs_list) if a["aspect"] == aspect]
+        if not idx:
+            continue
+        sel = torch.tensor(idx, device=text.device)
+        out = generate(model, space, (text[sel], mask[sel]), cfg, seed=seed, size=size, steps=steps,
+                       cfg_scale=cfg_scale, sampler=sampler)
+        for i, img in zip(idx, out):
+            images[i] = img
+    seconds = time.time() - t0
+    scores = [shapes.score_image(img, a) for img, a in zip(images, attrs_list)]
+    summary = shapes.score_images(images, attrs_list)
+    if out_dir:
+        labels = [("OK " if s["all"] else "x  ") + " ".join(k[:3] for k in ATTRIBUTES[:-1] if not s[k])
+                  + " | " + p for s, p in zip(scores, prompts)]
+        save_grid(images, labels, os.path.join(out_dir, "shapes_scored.png"), cols=8)
+    summary["seconds"] = seconds
+    summary["num_images"] = len(images)
+    return summary
+
+
+def print_table(summary):
+    print(f"{'':10s}" + "".join(f"{a:>11s}" for a in ATTRIBUTES))
+    for group in ("seen", "held_out"):
+        if group in summary:
+            row = summary[group]
+            print(f"{group:10s}" + "".join(f"{100 * row[a]:10.1f}%" for a in ATTRIBUTES))
+
+
+# --- FID (Frechet Inception Distance) with a local Inception network -------------------------------
+
+
+def frechet_distance(feats_a, feats_b):
+    """FID between two (N, D) feature sets: |mu_a - mu_b|^2 + tr(Sa + Sb - 2 (Sa Sb)^1/2)."""
+    a, b = feats_a.double(), feats_b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    sa, sb = torch.cov(a.T), torch.cov(b.T)
+    # tr((Sa Sb)^1/2) = sum sqrt(eig(Sa^1/2 Sb Sa^1/2)), all symmetric PSD: stable via eigh
+    w, v = torch.linalg.eigh(sa)
+    sqrt_sa = v @ torch.diag(w.clamp_min(0).sqrt()) @ v.T
+    eig = torch.linalg.eigvalsh(sqrt_sa @ sb @ sqrt_sa).clamp_min(0)
+    return ((mu_a - mu_b).pow(2).sum() + sa.trace() + sb.trace() - 2 * eig.sqrt().sum()).item()
+
+
+def inception_features(net, images, device, batch=32):
+    """Features of PIL images; the net takes uint8-range floats (N, 3, 299, 299) as NVlabs' export."""
+    import numpy as np
+    feats = []
+    for i in range(0, len(images), batch):
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((299, 299)))).permute(2, 0, 1)
+                         for im in images[i:i + batch]]).float().to(device)
+        with torch.no_grad():
+            feats.append(net(x).reshape(x.shape[0], -1).float().cpu())
+    return torch.cat(feats)
+
+
+def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None, sampler=None, seed=0,
+                 max_images=500):
+    """FID of generated images (held-out captions) against the held-out source images."""
+    from dataset import CachedDataset
+    from preprocess import load_image, resize_and_crop
+    from latents import LatentSpace
+    from sample import encode_prompts, generate
+    if not inception_path or not os.path.isfile(inception_path):
+        return None, (f"FID skipped: no local Inception network (give --inception PATH to a TorchScript "
+                      f"Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
+    net = torch.jit.load(inception_path, map_location=device).eval()
+    val = CachedDataset(cfg, "val")
+    n = min(len(val), max_images)
+    if n < 2:
+        return None, "FID skipped: fewer than 2 held-out images"
+    items = [val[i] for i in range(n)]
+    real = []
+    for i, it in enumerate(items):  # the held-out source image, cropped to its bucket as in the cache
+        src = os.path.join(cfg.data_dir, val.sources[i])
+        if os.path.isfile(src):
+            c, h, w = it["latents"].shape
+            real.append(resize_and_crop(load_image(src), (w * cfg.vae_downsample, h * cfg.vae_downsample)))
+    space = LatentSpace.from_config(cfg, device=device)
+    fake = []
+    for it in items:
+        c, h, w = it["latents"].shape
+        size = (w * cfg.vae_downsample, h * cfg.vae_downsample)
+        fake += generate(model, space, encode_prompts(cfg, [it["caption"]], device), cfg, seed=seed + len(fake),
+                         size=size, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+    if len(real) < 2:
+        return None, "FID skipped: held-out source images not found"
+    fid = frechet_distance(inception_features(net, real, device), inception_features(net, fake, device))
+    return fid, f"FID {fid:.2f} ({len(fake)} generated vs {len(real)} held-out images)"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    from sample import load_run
+    import train as T
+    from dataset import make_loader
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    cfg, model = load_run(args.run_dir, device)
+    out_dir = os.path.join(args.run_dir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    report = {"sampler": args.sampler or cfg.sampler, "steps": args.steps or cfg.sample_steps,
+              "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg}
+    if cfg.data_source == "shapes":
+        summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir)
+        print_table(summary)
+        report["shapes"] = summary
+    try:
+        loader, _, val = make_loader(cfg, "val")
+        if len(val):
+            row = T.validation_loss(model, loader, cfg, device)
+            report["val"] = row
+            print("val loss " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if v != ""))
+    except (FileNotFoundError, ConfigError) as e:
+        print(f"validation loss skipped: {e}")
+    fid, message = evaluate_fid(cfg, model, device, args.inception, args.steps, args.cfg, args.sampler,
+                                args.seed)
+    print(message)
+    report["fid"] = fid
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {out_dir}/eval.json ({report['sampler']}, {report['steps']} steps, cfg {report['cfg_scale']})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,482 @@
+"""Images + captions -> a cache of latents and text embeddings, bucketed by aspect ratio.
+
+    python preprocess.py [preset] [key=value ...] [--force]
+    torchrun --nproc_per_node=4 preprocess.py flowers        # each rank encodes files[rank::4]
+
+Reads cfg.data_dir recursively: images (png, jpg, jpeg, webp) with a caption in a sibling .txt or
+.caption file of the same stem. Each image goes to the aspect-ratio bucket nearest its own (area about
+target_resolution**2, sides multiples of bucket_align, the NovelAI/SDXL multi-aspect scheme), is
+resized to cover it (Lanczos) and centre-cropped, then encoded. cfg.cache_dir gets one .pt per image
+(latents (C, h, w) float32 after scale/shift, text (L, D) bf16, mask (L,) bool, bucket, caption,
+source) and manifest.json (the settings, per-channel latent mean/std, one entry per image).
+
+Re-runs are incremental: only new or changed images (size + mtime of image and caption) are encoded,
+entries of deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
+truncated or empty images, missing, empty or non-UTF-8 captions, and images that would need more than
+cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
+manifest is written last and atomically, so a killed run leaves the previous cache usable.
+"""
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections import Counter, defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from config import Config, ConfigError, main_guard, parse_args
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+CAPTION_EXTS = (".txt", ".caption")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+# The settings a cache is built with: using it with other values would be silently wrong data.
+CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
+                  "text_encoder", "text_dim", "max_token_length", "target_resolution", "bucket_align",
+                  "max_aspect_ratio")
+
+
+class CacheError(ConfigError):
+    """The cache is missing, damaged, or was built with other settings; the message names which."""
+
+
+class Skip(Exception):
+    """A bad input file: reason is the summary's category, the message says what is wrong."""
+
+    def __init__(self, reason, message):
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- buckets -------------------------------------------------------------------------------------------
+
+def make_buckets(target: int, align: int, max_ratio: float) -> list:
+    """(W, H) buckets of about target**2 pixels, sides multiples of align, aspect within 1/max_ratio..max_ratio.
+
+    For every width, the height whose area is nearest target**2; both orientations; sorted by W/H.
+    """
+    area = target * target
+    buckets = set()
+    w = align
+    while w * w <= area * max_ratio + align * align:
+        h_low = max(align, (area // w) // align * align)
+        h = min((h_low, h_low + align), key=lambda h: abs(w * h - area))  # nearest area
+        if max(w / h, h / w) <= max_ratio + 1e-9:
+            buckets.update({(w, h), (h, w)})
+        w += align
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def bucket_for(width: int, height: int, buckets) -> tuple:
+    """The bucket nearest an image's aspect ratio (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
+    log_ratio = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
+
+
+def upscale_needed(width: int, height: int, bucket) -> float:
+    """How much an image must be enlarged to cover the bucket (<= 1: it is only shrunk)."""
+    return max(bucket[0] / width, bucket[1] / height)
+
+
+def resize_and_crop(img: Image.Image, size) -> Image.Image:
+    """Resize (Lanczos) so the image covers size=(W, H), then centre-crop to exactly (W, H)."""
+    W, H = size
+    s = upscale_needed(img.width, img.height, size)
+    new = (max(W, round(img.width * s)), max(H, round(img.height * s)))
+    if new != img.size:
+        img = img.resize(new, Image.LANCZOS)
+    left, top = (new[0] - W) // 2, (new[1] - H) // 2
+    return img.crop((left, top, left + W, top + H))
+
+
+# --- reading images and captions -----------------------------------------------------------------------
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit scaled to 8-bit, CMYK/gray/palette
+    converted (Pillow's own conversions; CMYK without a colour profile)."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        a = np.asarray(img.convert("F") if img.mode == "F" else img.convert("I"), dtype=np.float64)
+        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit data: 65535 -> 255
+            a = a / 257.0
+        elif img.mode == "F" and a.max() <= 1.0:          # float images in [0, 1]
+            a = a * 255.0
+        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # palette/tRNS transparency
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        background.alpha_composite(img.convert("RGBA"))
+        img = background
+    return img.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """An RGB image with its EXIF orientation applied; Skip for files that cannot be decoded."""
+    if os.path.getsize(path) == 0:
+        raise Skip("unreadable", "empty file (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now, so a truncated file fails here
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except Exception as e:  # UnidentifiedImageError, truncated data, decompression bombs, bad EXIF
+        raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def caption_path_for(image_path: str):
+    stem = os.path.splitext(image_path)[0]
+    for ext in CAPTION_EXTS:
+        if os.path.isfile(stem + ext):
+            return stem + ext
+    return None
+
+
+def read_caption(image_path: str) -> str:
+    """The caption beside an image, whitespace collapsed; Skip if missing, empty or not UTF-8."""
+    path = caption_path_for(image_path)
+    if path is None:
+        raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise Skip("unreadable caption", f"cannot read caption {os.path.basename(path)} ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise Skip("caption not UTF-8",
+                   f"caption {os.path.basename(path)} is not UTF-8 (bad byte at {e.start})") from None
+    text = " ".join(text.split())
+    if not text:
+        raise Skip("empty caption", f"caption {os.path.basename(path)} is empty")
+    return text
+
+
+def find_images(data_dir: str, skip_dir: str = None) -> list:
+    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out)."""
+    found = []
+    skip = os.path.abspath(skip_dir) if skip_dir else None
+    for root, dirs, files in os.walk(data_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs
+                         if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def fingerprint(image_path: str) -> str:
+    """Size and mtime of the image and of its caption: a change to either re-encodes the sample."""
+    def stamp(p):
+        st = os.stat(p)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    cap = caption_path_for(image_path)
+    return f"{stamp(image_path)}|{os.path.basename(cap) + ':' + stamp(cap) if cap else 'no caption'}"
+
+
+def cache_name(source: str) -> str:
+    """A flat, readable, collision-free file name for a source path: <stem>-<hash>.pt."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(source))[0])[:48]
+    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:10]}.pt"
+
+
+# --- the manifest --------------------------------------------------------------------------------------
+
+def load_manifest(cache_dir: str):
+    """The manifest dict, or None when the cache does not exist yet."""
+    path = os.path.join(cache_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CacheError(f"{path}: unreadable manifest ({e}); run python preprocess.py ... --force") from None
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise CacheError(f"{path}: manifest version {manifest.get('version')} (expected {MANIFEST_VERSION}); "
+                         "rebuild with python preprocess.py ... --force")
+    return manifest
+
+
+def write_manifest(cache_dir: str, manifest: dict):
+    """Atomically: a reader sees the old or the new manifest, never half of one."""
+    path = os.path.join(cache_dir, MANIFEST)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, path)
+
+
+def check_manifest(cfg: Config, manifest: dict):
+    """CacheError naming the first setting the cache was built with that differs from cfg."""
+    for key in CACHE_SETTINGS:
+        if manifest.get(key) != getattr(cfg, key):
+            raise CacheError(f"cache_dir={cfg.cache_dir} was built with {key}={manifest.get(key)!r} but the "
+                             f"config has {key}={getattr(cfg, key)!r}: rebuild it (python preprocess.py "
+                             f"... --force) or use another cache_dir")
+
+
+def latent_stats(entries: dict, channels: int):
+    """Per-channel mean and std over all cached latents, from each entry's sums (no file reads)."""
+    total, total_sq, count = np.zeros(channels), np.zeros(channels), 0
+    for e in entries.values():
+        total += e["sum"]
+        total_sq += e["sumsq"]
+        count += e["count"]
+    if count == 0:
+        return None, None
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 1e-12))
+    return mean.tolist(), std.tolist()
+
+
+# --- encoding ------------------------------------------------------------------------------------------
+
+def split_for_rank(items: list, rank: int, world_size: int) -> list:
+    """This rank's share of the work: items[rank::world_size] (disjoint, covers everything)."""
+    return items[rank::world_size]
+
+
+def save_atomic(obj, path: str):
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: Config, source: str, buckets) -> tuple:
+    """(bucket, image resized and cropped to it, caption) for one source; Skip for bad input."""
+    path = os.path.join(cfg.data_dir, source)
+    caption = read_caption(path)
+    img = load_image(path)
+    bucket = bucket_for(img.width, img.height, buckets)
+    up = upscale_needed(img.width, img.height, bucket)
+    if up > cfg.max_upscale:
+        raise Skip("too small", f"{img.width}x{img.height} needs {up:.1f}x enlargement to fill bucket "
+                                f"{bucket[0]}x{bucket[1]} (max_upscale={cfg.max_upscale})")
+    return bucket, resize_and_crop(img, bucket), caption
+
+
+def prepared_in_order(cfg: Config, todo: list, buckets):
+    """Yield (source, prepare(...) or its Skip) in order. Decoding and resizing run in threads (PIL
+    releases the GIL there), a bounded window ahead of the encoder, so the GPU is not kept waiting."""
+    def safe(source):
+        try:
+            return prepare(cfg, source, buckets)
+        except Skip as s:
+            return s
+
+    workers = min(8, os.cpu_count() or 1)
+    sources = iter(todo)
+    with ThreadPoolExecutor(workers) as pool:
+        window = deque((s, pool.submit(safe, s)) for s in islice(sources, 4 * workers))
+        while window:
+            source, future = window.popleft()
+            following = next(sources, None)
+            if following is not None:
+                window.append((following, pool.submit(safe, following)))
+            yield source, future.result()
+
+
+def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progress=True):
+    """Encode the sources in todo into cfg.cache_dir. Returns (new entries, skipped {source: info})."""
+    from latents import images_to_tensor
+    buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
+    entries, skipped = {}, {}
+    pending = defaultdict(list)  # bucket -> [(source, image, caption)], flushed at preprocess_batch_size
+
+    def flush(bucket):
+        items, pending[bucket] = pending[bucket], []
+        if not items:
+            return
+        images = images_to_tensor([img for _, img, _ in items])            # (B, 3, H, W) in [-1, 1]
+        latents = latent_space.encode(images, normalize=False).cpu()        # (B, C, H/f, W/f)
+        text, mask = text_encoder.encode([cap for _, _, cap in items])      # (B, L, D), (B, L)
+        text, mask = text.to("cpu", torch.bfloat16), mask.cpu()
+        for i, (source, _, caption) in enumerate(items):
+            z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
+            name = cache_name(source)
+            save_atomic({"latents": z, "text": text[i].clone(), "mask": mask[i].clone(),
+                         "bucket": tuple(bucket), "caption": caption, "source": source},
+                        os.path.join(cfg.cache_dir, name))
+            z64 = z.double().flatten(1)                                      # (C, h*w)
+            entries[source] = {"file": name, "fingerprint": fingerprint(os.path.join(cfg.data_dir, source)),
+                               "bucket": list(bucket), "latent_shape": list(z.shape),
+                               "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
+                               "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
+
+    bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
+    for source, result in prepared_in_order(cfg, todo, buckets):
+        bar.update(1)
+        if isinstance(result, Skip):
+            path = os.path.join(cfg.data_dir, source)
+            skipped[source] = {"fingerprint": fingerprint(path), "reason": result.reason, "message": str(result)}
+            tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
+            continue
+        bucket, img, caption = result
+        pending[bucket].append((source, img, caption))
+        if len(pending[bucket]) >= cfg.preprocess_batch_size:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
+    bar.close()
+    return entries, skipped
+
+
+def encode_device_and_dtype(cfg: Config, distributed: bool):
+    """Where and in which precision to run the VAE and text encoder."""
+    if distributed and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    elif cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+    bf16 = device.type == "cuda" and cfg.mixed_precision != "fp32"
+    return device, (torch.bfloat16 if bf16 else torch.float32)
+
+
+def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, verbose: bool = True) -> dict:
+    """Build or refresh cfg.cache_dir from cfg.data_dir and return the manifest.
+
+    distributed=True (every rank calls it, torch.distributed initialised): each rank encodes its share
+    of the new files, rank 0 merges and writes the manifest. Otherwise one process does everything.
+    """
+    import torch.distributed as dist
+    multi = distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if multi else (0, 1)
+    say = print if (verbose and rank == 0) else (lambda *a, **k: None)
+    t0 = time.time()
+
+    if cfg.data_source == "shapes" and rank == 0:
+        import shapes  # generates cfg.num_shapes images + captions if missing
+        shapes.ensure_shapes_data(cfg)
+    if multi:
+        dist.barrier()
+    if not os.path.isdir(cfg.data_dir):
+        raise CacheError(f"data_dir={cfg.data_dir}: no such folder (put images + .txt captions there)")
+    os.makedirs(cfg.cache_dir, exist_ok=True)
+
+    old = None if force else load_manifest(cfg.cache_dir)
+    if old is not None:
+        check_manifest(cfg, old)
+        if old.get("data_dir") != cfg.data_dir:  # another folder: nothing in the old cache is known to match
+            say(f"data_dir changed ({old.get('data_dir')} -> {cfg.data_dir}): re-encoding everything")
+            old = None
+    old_entries = old["entries"] if old else {}
+    old_skipped = old.get("skipped", {}) if old else {}
+
+    # what needs encoding: new or changed images (and previously skipped ones whose files changed)
+    sources = find_images(cfg.data_dir, skip_dir=cfg.cache_dir)
+    if not sources:
+        raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
+    kept, kept_skipped, todo = {}, {}, []
+    for source in sources:
+        fp = fingerprint(os.path.join(cfg.data_dir, source))
+        e, s = old_entries.get(source), old_skipped.get(source)
+        if e and e["fingerprint"] == fp and os.path.exists(os.path.join(cfg.cache_dir, e["file"])):
+            kept[source] = e
+        elif s and s["fingerprint"] == fp:
+            kept_skipped[source] = s
+        else:
+            todo.append(source)
+    removed = len(set(old_entries) - set(sources))
+
+    # scale/shift come from the VAE when one is loaded; pixel space is the identity
+    scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
+    if cfg.latent_space == "pixel":
+        scale, shift = 1.0, 0.0
+    new_entries, new_skipped = {}, {}
+    if todo:
+        from latents import LatentSpace
+        from text_encoder import load_text_encoder
+        device, dtype = encode_device_and_dtype(cfg, multi)
+        latent_space = LatentSpace.from_config(cfg, device=device, dtype=dtype)  # no stats: cache holds raw-scaled
+        if scale is not None and (scale, shift) != (latent_space.scale, latent_space.shift):
+            raise CacheError(f"cache_dir={cfg.cache_dir} was built with scale/shift {old.get('scale')}/"
+                             f"{old.get('shift')} but the VAE {cfg.vae!r} has {latent_space.scale}/"
+                             f"{latent_space.shift}: rebuild with --force")
+        scale, shift = latent_space.scale, latent_space.shift
+        text_encoder = load_text_encoder(cfg, device=device, dtype=dtype)
+        mine = split_for_rank(todo, rank, world)
+        new_entries, new_skipped = encode_files(cfg, mine, latent_space, text_encoder,
+                                                show_progress=verbose and rank == 0)
+        del latent_space, text_encoder
+    if multi:  # rank 0 collects everyone's entries
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (new_entries, new_skipped))
+        new_entries = {k: v for e, _ in gathered for k, v in e.items()}
+        new_skipped = {k: v for _, s in gathered for k, v in s.items()}
+
+    entries = dict(sorted({**kept, **new_entries}.items()))
+    skipped = dict(sorted({**kept_skipped, **new_skipped}.items()))
+    mean, std = latent_stats(entries, cfg.latent_channels)
+    manifest = {"version": MANIFEST_VERSION, **{k: getattr(cfg, k) for k in CACHE_SETTINGS},
+                "scale": scale, "shift": shift,
+                "data_dir": cfg.data_dir, "latent_mean": mean, "latent_std": std,
+                "num_samples": len(entries), "entries": entries, "skipped": skipped}
+    if rank == 0:
+        if manifest != old:
+            write_manifest(cfg.cache_dir, manifest)  # after every .pt file it names
+        delete_unreferenced(cfg.cache_dir, entries)
+        summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
+    if multi:
+        dist.barrier()
+    return manifest
+
+
+def delete_unreferenced(cache_dir: str, entries: dict):
+    """Remove .pt files no entry points at (deleted images, files now skipped, killed runs)."""
+    keep = {e["file"] for e in entries.values()}
+    for name in os.listdir(cache_dir):
+        if (name.endswith(".pt") or ".pt.tmp" in name) and name not in keep:
+            os.remove(os.path.join(cache_dir, name))
+
+
+def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=print):
+    """Samples per bucket, skipped files by reason, and a one-line summary."""
+    entries = manifest["entries"]
+    per_bucket, new_per_bucket, shapes = Counter(), Counter(), {}
+    for source, e in entries.items():
+        key = tuple(e["bucket"])
+        per_bucket[key] += 1
+        new_per_bucket[key] += source in new_entries
+        shapes[key] = "x".join(map(str, e["latent_shape"]))
+    if new_entries or removed:
+        say(f"{'bucket (WxH)':>14} {'latents (CxhxW)':>16} {'samples':>8} {'new':>6}")
+        for key in sorted(per_bucket, key=lambda b: b[0] / b[1]):
+            say(f"{key[0]:>7}x{key[1]:<6} {shapes[key]:>16} {per_bucket[key]:>8} {new_per_bucket[key]:>6}")
+    reasons = Counter(s["reason"] for s in manifest["skipped"].values())
+    if reasons:
+        say("skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())
+            + (f" ({len(manifest['skipped']) - len(new_skipped)} unchanged since an earlier run)"
+               if len(manifest["skipped"]) > len(new_skipped) else ""))
+    say(f"cache {cfg.data_dir} -> {cfg.cache_dir}: {len(entries)} samples in "
+        f"{len(per_bucket)} buckets ({len(new_entries)} encoded, {removed} removed, "
+        f"{len(manifest['skipped'])} skipped) in {seconds:.1f} s")
+
+
+def main():
+    argv = sys.argv[1:]
+    force = "--force" in argv
+    cfg = parse_args([a for a in argv if a != "--force"])
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if distributed:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    ensure_cache(cfg, force=force, distributed=distributed)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,206 @@
+"""Prompt -> PNG with a trained run.
+
+    python sample.py runs/shapes --prompt "a large red circle in the center on a white background"
+    python sample.py runs/flowers --prompts-file prompts.txt --num 4 --steps 30 --cfg 4.0 --sampler heun
+
+Loads the run's config.json and its exported EMA model (runs/<name>/model/, or the EMA weights of the
+newest checkpoint if the run has not exported yet), encodes prompts with the same text encoder and token
+length the cache was built with, samples, decodes through the run's latent space and writes one image or
+a labelled grid.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from PIL import Image, ImageDraw
+
+from config import ConfigError, config_from_dict
+import samplers as S
+
+
+def encode_prompts(cfg, prompts, device):
+    """(text (N, L, D), mask (N, L)) on device; the encoder is loaded, used and freed."""
+    from text_encoder import load_text_encoder
+    if not prompts or any(not p.strip() for p in prompts):
+        raise ConfigError("empty prompt: give some text to --prompt or in --prompts-file")
+    encoder = load_text_encoder(cfg, device=device)
+    text, mask = encoder.encode(list(prompts))
+    del encoder
+    return text.to(device), mask.to(device)
+
+
+def default_size(cfg):
+    """The square bucket: (W, H) in pixels."""
+    side = max(cfg.bucket_align, round(cfg.target_resolution / cfg.bucket_align) * cfg.bucket_align)
+    return side, side
+
+
+def parse_size(text, cfg):
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size {text!r}: expected WxH, e.g. 448x448") from None
+    a = cfg.patch_align
+    if w <= 0 or h <= 0 or w % a or h % a:
+        raise ConfigError(f"--size {text}: width and height must be positive multiples of {a} "
+                          f"(vae_downsample {cfg.vae_downsample} x patch_size {cfg.patch_size})")
+    return w, h
+
+
+@torch.no_grad()
+def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
+             sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False):
+    """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i."""
+    from latents import tensor_to_images
+    text, mask = prompt_emb
+    w, h = size or default_size(cfg)
+    f = cfg.vae_downsample
+    steps = steps or cfg.sample_steps
+    scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    method = sampler or cfg.sampler
+    device = text.device
+    shift = S.time_shift_for(cfg, (h // f // cfg.patch_size) * (w // f // cfg.patch_size))
+    images, nfe_total = [], 0
+    for start in range(0, text.shape[0], batch_size):
+        idx = range(start, min(start + batch_size, text.shape[0]))
+        noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
+                                         generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+        neg = None
+        if negative_emb is not None:
+            neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
+        velocity = S.guided_velocity_fn(model, text[idx.start:idx.stop], mask[idx.start:idx.stop], scale,
+                                        cfg.prediction, cfg.x_pred_t_min,
+                                        neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
+        x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
+        images += tensor_to_images(latent_space.decode(x0.float()))
+        nfe_total = nfe
+    return (images, nfe_total) if return_nfe else images
+
+
+def save_grid(images, labels, path, cols=None, min_side=128):
+    """A labelled grid PNG; small images are upscaled (nearest) so they can be looked at."""
+    n = len(images)
+    cols = cols or min(n, 4)
+    rows = (n + cols - 1) // cols
+    w, h = images[0].size
+    up = max(1, -(-min_side // min(w, h)))
+    cw, ch = w * up, h * up
+    label_h = 28 if labels else 0
+    grid = Image.new("RGB", (cols * cw, rows * (ch + label_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = (i % cols) * cw, (i // cols) * (ch + label_h)
+        grid.paste(img.resize((cw, ch), Image.NEAREST), (x, y))
+        if labels:
+            text = labels[i]
+            chars = max(8, cw // 6)
+            lines = [text[:chars], text[chars:2 * chars]]
+            draw.multiline_text((x + 2, y + ch + 1), "\n".join(l for l in lines if l), fill=(0, 0, 0))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def load_run(run_dir, device="cpu"):
+    """(cfg, EMA model) of a run; a one-line ConfigError for a missing or mismatching run."""
+    from model import DiTConfig, SingleStreamDiT
+    cfg_path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"{run_dir}: not a run folder (no config.json); train one with train.py")
+    with open(cfg_path) as f:
+        cfg = config_from_dict(json.load(f))
+    model_dir = os.path.join(run_dir, "model")
+    expected = DiTConfig.from_config(cfg)
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        try:
+            model = SingleStreamDiT.from_pretrained(model_dir, device=device)
+        except Exception as e:
+            raise ConfigError(f"{model_dir}: cannot load the model: {e}") from None
+        got = model.dc if hasattr(model, "dc") else None
+        if got is not None and (got.hidden_size, got.depth, got.in_channels, got.text_dim) != \
+                (expected.hidden_size, expected.depth, expected.in_channels, expected.text_dim):
+            raise ConfigError(f"{model_dir}: model does not match {cfg_path} "
+                              f"(hidden {got.hidden_size}/{expected.hidden_size}, depth {got.depth}/{expected.depth})")
+    else:
+        ckpts = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints"))
+                       if n.endswith(".pt")) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
+        if not ckpts:
+            raise ConfigError(f"{run_dir}: no exported model/ and no checkpoints/")
+        path = os.path.join(run_dir, "checkpoints", ckpts[-1])
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model = SingleStreamDiT(expected)
+        try:
+            model.load_state_dict(state["ema"])
+        except RuntimeError as e:
+            raise ConfigError(f"{path}: checkpoint does not match {cfg_path}: {str(e).splitlines()[0]}") from None
+        model.to(device)
+    return cfg, model.eval()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", default=[], help="may be given several times")
+    p.add_argument("--prompts-file", help="one prompt per line")
+    p.add_argument("--negative", default=None, help="negative prompt (replaces the null caption in CFG)")
+    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off)")
+    p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--size", default=None, help="WxH in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out.png")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
+        else torch.device(args.device)
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: {e}") from None
+    if not prompts:
+        raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
+    if args.num < 1 or (args.steps is not None and args.steps < 1):
+        raise ConfigError("--num and --steps must be >= 1")
+    cfg, model = load_run(args.run_dir, device)
+    size = parse_size(args.size, cfg) if args.size else None
+    from latents import LatentSpace
+    stats = None
+    manifest_path = os.path.join(cfg.cache_dir, "manifest.json")
+    if cfg.latent_norm and os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            stats = json.load(f)
+    latent_space = LatentSpace.from_config(cfg, device=device, stats=stats)
+    all_prompts = [p for p in prompts for _ in range(args.num)]
+    text, mask = encode_prompts(cfg, prompts, device)
+    text, mask = text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0)
+    negative = None
+    if args.negative is not None:
+        nt, nm = encode_prompts(cfg, [args.negative], device)
+        negative = (nt.expand(len(all_prompts), -1, -1), nm.expand(len(all_prompts), -1))
+    t0 = time.time()
+    images, nfe = generate(model, latent_space, (text, mask), cfg, seed=args.seed, size=size,
+                           steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
+                           negative_emb=negative, return_nfe=True)
+    seconds = time.time() - t0
+    if len(images) == 1:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        images[0].save(args.out)
+    else:
+        save_grid(images, all_prompts, args.out)
+    print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,114 @@
+"""Overfit one cached batch: the loss must fall by a large factor, and the sample must come back.
+
+    python sanity_check.py                 # tiny preset, about a minute on a CPU
+    python sanity_check.py shapes steps=300
+
+If this fails, something between the cache, the model and the objective is broken; nothing else will
+train either. Prints the loss curve, writes runs/<name>/sanity/reconstruction.png (target | sample) and
+exits 1 when the loss did not fall by `min_factor`.
+"""
+import os
+import sys
+
+import torch
+
+from config import ConfigError, get_config, main_guard
+import samplers as S
+
+CHECK_DEFAULTS = {"steps": 150, "min_factor": 10.0, "lr": 3e-3}  # settings of this check only
+
+
+def split_args(argv):
+    """Check settings (steps=, min_factor=, lr=) apart from Config overrides; preset first."""
+    preset, overrides, check = "tiny", {}, dict(CHECK_DEFAULTS)
+    if argv and "=" not in argv[0]:
+        preset = argv.pop(0)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ConfigError(f"expected key=value, got '{arg}'")
+        if key in check:
+            try:
+                check[key] = type(CHECK_DEFAULTS[key])(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
+        else:
+            overrides[key] = value
+    return get_config(preset, **overrides), check
+
+
+def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
+    from dataset import collate, CachedDataset
+    from latents import LatentSpace, tensor_to_images
+    from model import DiTConfig, SingleStreamDiT
+    from preprocess import ensure_cache
+    from sample import save_grid
+
+    torch.manual_seed(cfg.seed)
+    manifest = ensure_cache(cfg)
+    data = CachedDataset(cfg, "train")
+    if len(data) == 0:
+        raise ConfigError(f"cache_dir={cfg.cache_dir}: no samples to overfit")
+    first = data[0]
+    same_bucket = [i for i in range(len(data)) if data.bucket_keys[i] == data.bucket_keys[0]]
+    batch = collate([data[i] for i in same_bucket[:min(4, cfg.batch_size)]])
+    batch["drop"] = torch.zeros_like(batch["drop"])
+    model = SingleStreamDiT(DiTConfig.from_config(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eps = torch.randn(batch["latents"].shape, generator=gen)
+    x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
+
+    def fixed_loss():
+        """Velocity loss at 10 fixed t per sample: a noise-free measure of the fit."""
+        with torch.no_grad():
+            total = 0.0
+            for t_value in torch.linspace(0.05, 0.95, 10):
+                t = torch.full((eps.shape[0],), float(t_value))
+                x_t = S.add_noise(x0, eps, t)
+                v_hat = S.to_velocity(model(x_t, t, text, mask, drop), x_t, t, cfg.prediction, cfg.x_pred_t_min)
+                total += (v_hat - S.velocity_target(x0, eps)).pow(2).mean().item() / 10
+        return total
+
+    start = fixed_loss()
+    losses = []
+    for step in range(steps):
+        t = S.sample_timesteps(eps.shape[0], cfg.t_sampling, cfg.t_mean, cfg.t_std, 1.0, generator=gen)
+        x_t = S.add_noise(x0, eps, t)
+        v_hat = S.to_velocity(model(x_t, t, text, mask, drop), x_t, t, cfg.prediction, cfg.x_pred_t_min)
+        loss = (v_hat - S.velocity_target(x0, eps)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # x-prediction's 1/t makes rare spikes
+        opt.step()
+        losses.append(loss.item())
+        if verbose and (step % max(1, steps // 15) == 0 or step == steps - 1):
+            print(f"step {step:4d}  loss {loss.item():.5f}")
+    end = fixed_loss()
+    factor = start / max(end, 1e-12)
+
+    # sample from the same noise with the overfit model: it should land on the target
+    model.eval()
+    velocity = S.guided_velocity_fn(model, text, mask, 1.0, cfg.prediction, cfg.x_pred_t_min)
+    with torch.no_grad():
+        sample, _ = S.sample_ode(velocity, eps, 20, "euler")
+    recon_error = (sample - x0).pow(2).mean().item()
+    space = LatentSpace.from_config(cfg, stats=manifest)
+    with torch.no_grad():
+        targets = tensor_to_images(space.decode(x0))
+        samples = tensor_to_images(space.decode(sample))
+    out_dir = os.path.join(cfg.run_dir, "sanity")
+    path = save_grid(targets + samples, ["target"] * len(targets) + ["sample"] * len(samples),
+                     os.path.join(out_dir, "reconstruction.png"), cols=len(targets))
+    ok = factor >= min_factor
+    print(f"{'PASS' if ok else 'FAIL'}: loss at fixed t {start:.4f} -> {end:.4f} ({factor:.1f}x, need {min_factor}x), "
+          f"sample MSE {recon_error:.4f}, wrote {path}")
+    return {"ok": ok, "factor": factor, "losses": losses, "recon_mse": recon_error, "path": path}
+
+
+if __name__ == "__main__":
+    def main():
+        cfg, check = split_args(sys.argv[1:])
+        return sanity_check(cfg, **check)
+
+    sys.exit(0 if main_guard(main)["ok"] else 1)

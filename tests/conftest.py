@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny shapes data set with its cache, and a tiny trained run (built once per session)."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """{'data_dir', 'cache_dir'}: 48 generated shapes images cached with the tiny preset."""
+    from config import get_config
+    from preprocess import ensure_cache
+    root = tmp_path_factory.mktemp("tiny_data")
+    paths = {"data_dir": str(root / "shapes"), "cache_dir": str(root / "cache")}
+    ensure_cache(get_config("tiny", **paths))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory):
+    """A trained tiny run folder (a few steps): for sample.py, evaluate.py and the notebook."""
+    from config import get_config
+    from train import train
+    out = tmp_path_factory.mktemp("tiny_runs")
+    cfg = get_config("tiny", out_dir=str(out), run_name="tiny", optimizer="adamw", max_steps=6, **tiny_data)
+    train(cfg)
+    return cfg.run_dir

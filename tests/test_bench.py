@@ -1,0 +1,36 @@
+"""bench.py prints its figures (speed is measured by the script, never asserted here)."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bench_prints_a_table_and_json():
+    r = run("tiny", "steps=2", "warmup=1", "peak_tflops=1.0")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("train_s_per_step", "train_images_per_s", "train_tflops", "mfu", "peak_mem_gib",
+                "sample_cfg_batched_s_per_image_per_nfe", "sample_cfg_unbatched_s_per_image_per_nfe",
+                "vae_images_per_s", "text_captions_per_s"):
+        assert key in result, key
+    assert result["train_s_per_step"] > 0 and result["peak_mem_gib"] > 0
+    assert abs(result["mfu"] - result["train_tflops"] / 1.0) < 1e-9
+
+
+def test_compare_prints_a_ratio():
+    r = run("tiny", "steps=1", "warmup=1", "rounds=1", "--compare", "grad_checkpointing=true")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["speedup_b_over_a"] > 0 and result["compare"] == {"grad_checkpointing": "true"}
+
+
+def test_bad_setting_is_one_line():
+    r = run("tiny", "steps=many")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: steps=")

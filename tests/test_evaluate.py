@@ -1,0 +1,48 @@
+"""evaluate.py: runs on a tiny run; FID maths; the checker scores ground truth (see test_shapes.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_evaluate_runs_on_a_tiny_run(tiny_run):
+    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "2"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "held_out" in r.stdout and "FID skipped" in r.stdout
+    report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
+    seen = report["shapes"]["seen"]
+    assert seen["n"] > 0 and 0.0 <= seen["all"] <= 1.0
+    assert report["shapes"]["held_out"]["n"] >= 8
+    assert os.path.isfile(os.path.join(tiny_run, "eval", "shapes_scored.png"))
+    assert report["steps"] == 2
+
+
+def test_frechet_distance_known_values():
+    from evaluate import frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert abs(frechet_distance(a, a)) < 1e-6
+    b = a * 2 + 1  # mean shift 1 per dim, cov 4x: FID = 3*1 + 3*(1 + 4 - 2*2) = 6
+    assert abs(frechet_distance(a, b) - 6.0) < 0.3
+
+
+def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
+    from evaluate import evaluate_fid
+    from sample import load_run
+
+    class Features(torch.nn.Module):  # stands in for a TorchScript Inception: (N,3,299,299) -> (N,4)
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3)), x[:, 0].mean((1, 2)), x[:, 2].mean((1, 2))], 1)
+
+    path = tmp_path / "inception.pt"
+    torch.jit.script(Features()).save(str(path))
+    cfg, model = load_run(tiny_run)
+    fid, message = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=2)
+    assert fid is not None and fid >= 0 and message.startswith("FID")
+    none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))
+    assert none is None and "FID skipped" in message

