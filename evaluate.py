@@ -32,12 +32,12 @@ def eval_sizes(cfg):
 
 
 def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None, seed=0, out_dir=None,
-                    verbose=True):
+                    per_pair=8):
     """Generate the evaluation prompts, score them; returns {'seen': {...}, 'held_out': {...}, ...}."""
     import shapes
     from latents import LatentSpace
     from sample import encode_prompts, generate, save_grid
-    attrs_list = shapes.eval_prompts()
+    attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     prompts = [shapes.caption(a) for a in attrs_list]
     space = LatentSpace.from_config(cfg, device=device)
     text, mask = encode_prompts(cfg, prompts, device)
@@ -142,6 +142,7 @@ def main():
     p.add_argument("--cfg", type=float, default=None, help="guidance scale")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-pair", type=int, default=8, help="shapes: prompts per (colour, shape) pair")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -156,7 +157,8 @@ def main():
     report = {"sampler": args.sampler or cfg.sampler, "steps": args.steps or cfg.sample_steps,
               "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg}
     if cfg.data_source == "shapes":
-        summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir)
+        summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,
+                                  args.per_pair)
         print_table(summary)
         report["shapes"] = summary
     try:

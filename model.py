@@ -41,6 +41,8 @@ class DiTConfig:
     fourier_refiner: bool = True      # global Fourier filter in the noise refiner blocks
     fourier_final_depth: int = 1      # Fourier-filter blocks on image tokens after the joint stack
     local_bias: bool = True           # depthwise 3x3 conv on image tokens in every image block
+    abs_pos: bool = True              # fixed sin-cos of fractional (r/h, c/w) coordinates on image tokens
+    pooled_text: bool = True          # masked mean of the refined caption added to the AdaLN vector (SD3)
     grad_checkpointing: bool = False  # recompute block activations in backward
 
     def __post_init__(self):
@@ -77,6 +79,22 @@ def joint_positions(h: int, w: int, text_len: int, device=None):
     rows = torch.arange(h, device=device).repeat_interleave(w)   # (h*w,) row-major like the patches
     cols = torch.arange(w, device=device).repeat(h)
     return torch.cat([text, rows]), torch.cat([text, cols])
+
+
+
+def fractional_position_embedding(h: int, w: int, dim: int, device=None):
+    """(h*w, dim) fixed sin-cos of each patch centre as a fraction of the grid: (r+0.5)/h, (c+0.5)/w.
+
+    RoPE only tells tokens their offsets from each other, but captions name places relative to the
+    canvas ("top left" = 27% of W and H, whatever the aspect ratio). Fractional coordinates give every
+    bucket shape the same absolute frame (cf. resolution-aware embeddings in PixArt-alpha / Lumina-Next).
+    """
+    n = dim // 4
+    freqs = math.pi * torch.logspace(0, math.log10(32), n, device=device)              # (n,) pi .. 32 pi
+    rows = ((torch.arange(h, device=device) + 0.5) / h).repeat_interleave(w)[:, None] * freqs  # (N, n)
+    cols = ((torch.arange(w, device=device) + 0.5) / w).repeat(h)[:, None] * freqs            # (N, n)
+    emb = torch.cat([rows.sin(), rows.cos(), cols.sin(), cols.cos()], 1)                       # (N, 4n)
+    return F.pad(emb, (0, dim - emb.shape[1]))                                                 # (N, dim)
 
 
 def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int):
@@ -251,6 +269,8 @@ class SingleStreamDiT(nn.Module):
         self.caption_embed = nn.Sequential(RMSNorm(dc.text_dim, eps=1e-6), nn.Linear(dc.text_dim, D))
         self.null_caption = nn.Parameter(torch.randn(D) * 0.02)  # learned "no caption" token (CFG, dropout)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FREQ_DIM, D), nn.SiLU(), nn.Linear(D, D))
+        if dc.pooled_text:  # SD3 / FLUX feed a pooled caption vector into the modulation next to t
+            self.pooled_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
         # Noise refiner sees t; the context refiner does not (as in Lumina-Image 2.0), so its output for a
         # prompt is the same at every sampling step and text tokens enter the joint stream t-independent.
         self.noise_refiner = nn.ModuleList(Block(dc, fourier=dc.fourier_refiner, local_bias=dc.local_bias)
@@ -322,7 +342,10 @@ class SingleStreamDiT(nn.Module):
 
         patches = x.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, N, p * p * C)  # (B, N, p*p*C)
         img = self.patch_embed(patches.to(dtype))                                        # (B, N, D)
-        cond = F.silu(self.time_embed(timestep_features(t).to(dtype)))                   # (B, D)
+        if dc.abs_pos:
+            img = img + fractional_position_embedding(h, w, dc.hidden_size, x.device).to(img.dtype)
+        t_emb = self.time_embed(timestep_features(t).to(dtype))                         # (B, D)
+        cond = F.silu(t_emb)
         txt = self.caption_embed(text.to(dtype))                                         # (B, L, D)
 
         # Null caption (CFG / caption dropout): token 0 = learned null embedding, the rest masked out. A
@@ -337,18 +360,23 @@ class SingleStreamDiT(nn.Module):
 
         if text_padded is None:
             text_padded = True if torch.compiler.is_compiling() else bool((~text_mask).any())
-        else:
-            text_padded = text_padded or (drop is not None and L > 1)
+        # a given flag is trusted: the caller counts dropped captions as padded (train.to_device does)
         text_attn_mask = joint_attn_mask = None  # None: no padding, SDPA may use its unmasked kernels
         if text_padded:
             text_attn_mask = text_mask[:, None, None, :]                                 # (B, 1, 1, L)
             joint_attn_mask = F.pad(text_mask, (0, N), value=True)[:, None, None, :]     # (B, 1, 1, L+N)
 
         cos, sin = self.rope_tables(h, w, L, x.device, compute_dtype)                    # (L+N, hd/2) each
-        for block in self.noise_refiner:
-            img = self._run(block, img, cond, (cos[L:], sin[L:]), None, (h, w))          # (B, N, D)
         for block in self.context_refiner:
             txt = self._run(block, txt, None, (cos[:L], sin[:L]), text_attn_mask, (0, 0))  # (B, L, D)
+        if self.dc.pooled_text:
+            # Global caption summary into every block's AdaLN: attributes that hold for the whole image
+            # (colours, layout words) reach all tokens directly instead of through attention alone.
+            weights = text_mask[..., None].to(txt.dtype)                                 # (B, L, 1)
+            pooled = (txt * weights).sum(1) / weights.sum(1).clamp_min(1)                # (B, D)
+            cond = F.silu(t_emb + self.pooled_embed(pooled))                             # (B, D)
+        for block in self.noise_refiner:
+            img = self._run(block, img, cond, (cos[L:], sin[L:]), None, (h, w))          # (B, N, D)
         tokens = torch.cat([txt, img], 1)                                                # (B, L+N, D)
         for block in self.joint_blocks:
             tokens = self._run(block, tokens, cond, (cos, sin), joint_attn_mask, (h, w))
@@ -383,6 +411,8 @@ class SingleStreamDiT(nn.Module):
                  "joint_blocks", "final_stack", "final_layer"]
         counts = {name: sum(p.numel() for p in getattr(self, name).parameters()) for name in parts}
         counts["caption_embed"] += self.null_caption.numel()
+        if self.dc.pooled_text:
+            counts["pooled_embed"] = sum(p.numel() for p in self.pooled_embed.parameters())
         return {**counts, "total": sum(p.numel() for p in self.parameters())}
 
     # --- export ---
@@ -451,7 +481,8 @@ def flops_breakdown(dc: DiTConfig, height: int, width: int, text_len: int) -> di
     blocks = [(N, True, True)] * dc.refiner_depth + [(T, True, False)] * dc.refiner_depth \
         + [(T + N, True, True)] * dc.depth + [(N, False, True)] * dc.fourier_final_depth
     macs = {
-        "embed": N * p * p * dc.in_channels * D + T * dc.text_dim * D + TIME_FREQ_DIM * D + D * D,
+        "embed": N * p * p * dc.in_channels * D + T * dc.text_dim * D + TIME_FREQ_DIM * D + D * D
+        + (2 * D * D if dc.pooled_text else 0),
         "linear": sum(linear(L, a, m) for L, a, m in blocks),
         "attention": sum(attention(L) for L, a, _ in blocks if a),
         "final": N * D * p * p * dc.in_channels + 2 * D * D,

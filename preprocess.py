@@ -40,7 +40,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 # The settings a cache is built with: using it with other values would be silently wrong data.
 CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
-                  "text_encoder", "text_dim", "max_token_length", "target_resolution", "bucket_align",
+                  "text_encoder", "text_layer", "text_dim", "max_token_length", "target_resolution", "bucket_align",
                   "max_aspect_ratio")
 
 

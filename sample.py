@@ -56,6 +56,12 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i."""
     from latents import tensor_to_images
     text, mask = prompt_emb
+    if cfg.trim_text:  # padding is never attended: cut it once for all steps (same images, faster)
+        longest = max(1, int(mask.sum(1).max()))
+        text, mask = text[:, :longest], mask[:, :longest]
+        if negative_emb is not None:
+            n_longest = max(1, int(negative_emb[1].sum(1).max()))
+            negative_emb = (negative_emb[0][:, :n_longest], negative_emb[1][:, :n_longest])
     w, h = size or default_size(cfg)
     f = cfg.vae_downsample
     steps = steps or cfg.sample_steps
@@ -81,23 +87,23 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
 
 
 def save_grid(images, labels, path, cols=None, min_side=128):
-    """A labelled grid PNG; small images are upscaled (nearest) so they can be looked at."""
+    """A labelled grid PNG. Images may differ in size (buckets): each is upscaled by an integer factor
+    (nearest, so small images can be looked at) and centred in a cell of the largest size."""
     n = len(images)
     cols = cols or min(n, 4)
     rows = (n + cols - 1) // cols
-    w, h = images[0].size
-    up = max(1, -(-min_side // min(w, h)))
-    cw, ch = w * up, h * up
+    up = max(1, -(-min_side // min(min(im.size) for im in images)))
+    cw, ch = max(im.size[0] for im in images) * up, max(im.size[1] for im in images) * up
     label_h = 28 if labels else 0
     grid = Image.new("RGB", (cols * cw, rows * (ch + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         x, y = (i % cols) * cw, (i // cols) * (ch + label_h)
-        grid.paste(img.resize((cw, ch), Image.NEAREST), (x, y))
+        w, h = img.size[0] * up, img.size[1] * up
+        grid.paste(img.resize((w, h), Image.NEAREST), (x + (cw - w) // 2, y + (ch - h) // 2))
         if labels:
-            text = labels[i]
             chars = max(8, cw // 6)
-            lines = [text[:chars], text[chars:2 * chars]]
+            lines = [labels[i][:chars], labels[i][chars:2 * chars]]
             draw.multiline_text((x + 2, y + ch + 1), "\n".join(l for l in lines if l), fill=(0, 0, 0))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)

@@ -276,5 +276,6 @@ def loss_per_bucket(per_sample_loss: torch.Tensor, t: torch.Tensor, n: int = 4):
     many samples fell in each; accumulate over a logging window, then log sums / counts."""
     idx = timestep_bucket(t, n).to(per_sample_loss.device)
     sums = torch.zeros(n, device=per_sample_loss.device).index_add_(0, idx, per_sample_loss.detach().float())
-    counts = torch.bincount(idx, minlength=n).float()
+    counts = torch.zeros(n, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
+    # (index_add_, not bincount: bincount's output size needs a host-device sync on CUDA)
     return sums, counts

@@ -54,9 +54,9 @@ def type_for_model_type(model_type: str) -> str:
 class TextEncoder:
     """A frozen tokenizer + encoder; encode() pads/truncates every caption to max_length tokens."""
 
-    def __init__(self, model, tokenizer, max_length: int, kind: str, hidden_size: int):
+    def __init__(self, model, tokenizer, max_length: int, kind: str, hidden_size: int, layer: int = -1):
         self.model, self.tokenizer = model, tokenizer
-        self.max_length, self.kind, self.hidden_size = max_length, kind, hidden_size
+        self.max_length, self.kind, self.hidden_size, self.layer = max_length, kind, hidden_size, layer
 
     @property
     def device(self):
@@ -69,7 +69,13 @@ class TextEncoder:
                                 max_length=self.max_length, return_tensors="pt")
         ids = tokens["input_ids"].to(self.device)                    # (B, L)
         mask = tokens["attention_mask"].to(self.device).bool()       # (B, L), True = real token
-        out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        if self.layer == -1:
+            out = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        else:  # an earlier layer (e.g. -2, penultimate, as "CLIP skip"): see config.text_layer
+            hidden = self.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+            if not -len(hidden) <= self.layer < len(hidden):
+                raise ConfigError(f"text_layer={self.layer}: the encoder has {len(hidden)} hidden states")
+            out = hidden[self.layer]                                                      # (B, L, D)
         # Padded positions carry nothing; zero them so the cache is the same whatever the model put there.
         emb = out.float() * mask[..., None]
         return emb, mask
@@ -152,4 +158,4 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model = model.to(device).eval().requires_grad_(False)
-    return TextEncoder(model, tokenizer, cfg.max_token_length, kind, hidden)
+    return TextEncoder(model, tokenizer, cfg.max_token_length, kind, hidden, cfg.text_layer)

@@ -7,6 +7,8 @@
 
 Everything a run writes lives in runs/<run_name>/: config.json, log.csv, val.csv, samples/,
 checkpoints/, model/ (the exported EMA weights for sample.py and the notebook) and the graphs.
+A checkpoint holds model, EMA, optimiser, step, epoch, batch position, RNG states and config; the
+learning-rate schedule is a pure function of the step (lr_at), so the step restores it exactly.
 """
 import csv
 import math
@@ -59,7 +61,7 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
         t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,
                                S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device)
     x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
-    out = model(x_t, t, text, mask, drop)
+    out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
     v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min)
     per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
     loss = per_sample.mean()
@@ -189,7 +191,13 @@ def autocast_for(cfg: Config, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: dict, device, trim_text=False) -> dict:
+    """Move a batch; with trim_text, cut the text to the longest caption (padding is never attended)."""
+    if trim_text:
+        longest = max(1, int(batch["mask"].sum(1).max()))
+        batch = dict(batch, text=batch["text"][:, :longest], mask=batch["mask"][:, :longest])
+    # computed on the host before the copy, so the model needs no host-device sync to pick its kernel
+    batch = dict(batch, text_padded=bool((~batch["mask"]).any() or batch["drop"].any()))
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -218,7 +226,7 @@ def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # same noise every time
     sums, counts = torch.zeros(n_buckets), torch.zeros(n_buckets)
     for batch in val_loader:
-        batch = to_device(batch, device)
+        batch = to_device(batch, device, cfg.trim_text)
         batch["drop"] = torch.zeros_like(batch["drop"])
         B = batch["latents"].shape[0]
         t = ((torch.arange(B, device=device) + 0.5) / B).float()  # evenly spread t, every bucket
@@ -239,7 +247,10 @@ def default_val_prompts(cfg: Config, val_set) -> list:
         return [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
     if cfg.data_source == "shapes":
         import shapes
-        return [shapes.caption(a) for a in shapes.eval_prompts()[:8]]
+        prompts = shapes.eval_prompts()
+        seen = [a for a in prompts if not shapes.is_held_out(a)]
+        held_out = [next(a for a in prompts if (a["color"], a["shape"]) == pair) for pair in sorted(shapes.HELD_OUT)]
+        return [shapes.caption(a) for a in seen[::len(seen) // 6][:6] + held_out]  # spread + held-out pairs
     captions = [val_set[i]["caption"] for i in range(min(8, len(val_set)))] if val_set else []
     return captions or ["a photo"]
 
@@ -353,7 +364,8 @@ def train(cfg: Config) -> dict:
     model.train()
     t_start = time.time()
     t_log, images_since_log = time.time(), 0
-    bucket_sums, bucket_counts = torch.zeros(4), torch.zeros(4)
+    # running sums stay on the device: no host-device sync until a logging step
+    bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
     loss_sum, loss_n = torch.zeros((), device=device), 0
     status = "done"
     batches = None
@@ -379,7 +391,7 @@ def train(cfg: Config) -> dict:
                 batches = iter(loader)
                 batch = next(batches)
             batch_in_epoch += 1
-            batch = to_device(batch, device)
+            batch = to_device(batch, device, cfg.trim_text)
             sync = world == 1 or micro == cfg.grad_accum - 1
             with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
                 loss, per_sample, t = flow_matching_loss(train_model, batch, cfg, gen,
@@ -388,7 +400,7 @@ def train(cfg: Config) -> dict:
             images_since_log += batch["latents"].shape[0] * world
             loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             s, c = S.loss_per_bucket(per_sample.float(), t, 4)
-            bucket_sums, bucket_counts = bucket_sums + s.cpu(), bucket_counts + c.cpu()
+            bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         if torch.isfinite(grad_norm):  # a non-finite loss gives a non-finite norm: skip the step
@@ -413,14 +425,15 @@ def train(cfg: Config) -> dict:
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": nonfinite,
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
+            sums, counts = bucket_sums.tolist(), bucket_counts.tolist()
             for i in range(4):
-                row[f"loss_t{i}"] = (bucket_sums[i] / bucket_counts[i]).item() if bucket_counts[i] else ""
+                row[f"loss_t{i}"] = sums[i] / counts[i] if counts[i] else ""
             for name, value in model.fourier_gate_stats().items():
                 row[f"gate_{name}"] = value
             log.write(row)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
             t_log, images_since_log = time.time(), 0
-            bucket_sums, bucket_counts = torch.zeros(4), torch.zeros(4)
+            bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
             loss_sum, loss_n = torch.zeros((), device=device), 0
 
         # evaluate / sample

@@ -13,7 +13,7 @@ def run(*args):
 
 
 def test_bench_prints_a_table_and_json():
-    r = run("tiny", "steps=2", "warmup=1", "peak_tflops=1.0")
+    r = run("tiny", "steps=2", "warmup=1", "peak_tflops=1.0", "sample_steps=2")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("train_s_per_step", "train_images_per_s", "train_tflops", "mfu", "peak_mem_gib",

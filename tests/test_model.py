@@ -197,11 +197,12 @@ def test_param_groups_cover_every_parameter_once():
 
 def test_flops_match_a_hand_count_and_the_torch_flop_counter():
     # D=8, F=8, N=4 image tokens, T=2 text tokens, one joint block (L=6):
-    # embed 4*1*8 + 2*4*8 + 256*8 + 8*8 = 2208; block 6*(4*64 + 3*64) + 6*64 + 2*36*8 = 3648;
-    # final 4*8*1 + 2*64 = 160  ->  2 * 6016 FLOPs
+    # embed 4*1*8 + 2*4*8 + 256*8 + 8*8 = 2208 (+ pooled caption MLP 2*64 = 128);
+    # block 6*(4*64 + 3*64) + 6*64 + 2*36*8 = 3648; final 4*8*1 + 2*64 = 160  ->  2 * 6016 (+ 2 * 128) FLOPs
     dc = DiTConfig(in_channels=1, patch_size=1, hidden_size=8, num_heads=2, depth=1, refiner_depth=0,
                    text_dim=4, mlp_ratio=1.0, fourier_refiner=False, fourier_final_depth=0, local_bias=False)
-    assert flops_per_image(dc, 2, 2, 2) == 2 * 6016
+    assert flops_per_image(dc, 2, 2, 2) == 2 * (6016 + 128)
+    assert flops_per_image(replace(dc, pooled_text=False), 2, 2, 2) == 2 * 6016
     # every matmul of a real forward pass (no local conv: the counter would count it; FFTs it does not)
     dc = tiny(local_bias=False)
     model = SingleStreamDiT(dc)

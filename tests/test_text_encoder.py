@@ -29,7 +29,7 @@ def assert_matches(encoder, reference_fn, length, atol=0.0):
 @pytest.mark.parametrize("full", [True, False])
 def test_t5gemma2_encoder_has_every_weight_from_the_checkpoint(tmp_path, full):
     saved = save_tiny_t5gemma2(str(tmp_path), full=full)
-    cfg = get_config("tiny", text_encoder=str(tmp_path), text_dim=32, max_token_length=12)
+    cfg = get_config("tiny", text_layer=-1, text_encoder=str(tmp_path), text_dim=32, max_token_length=12)
     encoder = load_text_encoder(cfg)
     assert encoder.kind == "t5gemma2" and type(encoder.model).__name__ == "T5Gemma2Encoder"
     saved_state = saved.get_encoder().state_dict()
@@ -55,19 +55,19 @@ def test_loading_the_encoder_class_directly_would_be_random(tmp_path):
 
 def test_t5_and_clip_match_the_saved_models(tmp_path):
     t5 = save_tiny_t5(str(tmp_path / "t5"))
-    enc = load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / "t5"), text_dim=32,
+    enc = load_text_encoder(get_config("tiny", text_layer=-1, text_encoder=str(tmp_path / "t5"), text_dim=32,
                                        max_token_length=10))
     assert enc.kind == "t5" and type(enc.model).__name__ == "T5EncoderModel"
     assert_matches(enc, lambda i, a: t5.get_encoder()(input_ids=i, attention_mask=a).last_hidden_state,
                    10, atol=1e-5)
 
     clip = save_tiny_clip(str(tmp_path / "clip"), max_positions=16)
-    cfg = get_config("tiny", text_encoder=str(tmp_path / "clip"), text_dim=32, max_token_length=10)
+    cfg = get_config("tiny", text_layer=-1, text_encoder=str(tmp_path / "clip"), text_dim=32, max_token_length=10)
     enc = load_text_encoder(cfg)
     assert enc.kind == "clip" and type(enc.model).__name__ == "CLIPTextModel"
     assert_matches(enc, lambda i, a: clip.text_model(input_ids=i, attention_mask=a).last_hidden_state, 10)
     with pytest.raises(ConfigError, match="max_token_length=20"):
-        load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / "clip"), text_dim=32,
+        load_text_encoder(get_config("tiny", text_layer=-1, text_encoder=str(tmp_path / "clip"), text_dim=32,
                                      max_token_length=20))
 
 
@@ -91,5 +91,18 @@ def test_setting_errors_are_one_line_and_name_the_setting(tmp_path, monkeypatch)
         load_text_encoder(get_config("tiny", text_encoder_type="t5"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConfigError, match="text_encoder='nobody/no-such-model'") as e:
-        load_text_encoder(get_config("tiny", text_encoder="nobody/no-such-model"))
+        load_text_encoder(get_config("tiny", text_layer=-1, text_encoder="nobody/no-such-model"))
     assert "\n" not in str(e.value)
+
+
+def test_text_layer_picks_an_earlier_hidden_state(tmp_path):
+    save_tiny_t5(str(tmp_path))
+    from transformers import T5EncoderModel
+    saved = T5EncoderModel.from_pretrained(str(tmp_path))
+    cfg = get_config("tiny", text_layer=-2, text_encoder=str(tmp_path), text_dim=32, max_token_length=12)
+    assert_matches(load_text_encoder(cfg), lambda i, a: saved(input_ids=i, attention_mask=a,
+                                                              output_hidden_states=True).hidden_states[-2], 12,
+                   atol=1e-5)
+    with pytest.raises(ConfigError, match="text_layer=-40"):
+        load_text_encoder(get_config("tiny", text_layer=-40, text_encoder=str(tmp_path), text_dim=32,
+                                     max_token_length=12)).encode(["a"])
