@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from config import ConfigError, apply_overrides, parse_args
+from config import ConfigError, main_guard, apply_overrides, parse_args
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -246,8 +246,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

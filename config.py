@@ -80,7 +80,7 @@ class Config:
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
-    t_mean: float = 0.0                # logit-normal mean
+    t_mean: float = 0.8                # logit-normal mean (> 0: more noisy t, where layout is decided; JiT)
     t_std: float = 1.0                 # logit-normal std
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
     dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
@@ -98,8 +98,8 @@ class Config:
     beta2: float = 0.99
     warmup_steps: int = 100            # linear warmup, then cosine decay to min_lr_ratio
     min_lr_ratio: float = 0.1          # final lr = min_lr_ratio * learning_rate
-    max_steps: int = 3000              # optimiser steps
-    max_minutes: float = 0.0           # also stop (cleanly) after this many minutes; 0 = no limit
+    max_steps: int = 4000              # optimiser steps
+    max_minutes: float = 13.5          # also stop (cleanly, saved) after this many minutes; 0 = no limit
     batch_size: int = 16               # per device, per micro-step
     grad_accum: int = 1                # micro-steps per optimiser step
     grad_clip: float = 1.0             # max gradient norm (0 = off)
@@ -117,9 +117,9 @@ class Config:
     resume: str = ""                   # "" | auto (latest in the run folder) | path to a checkpoint
     val_prompts: str = ""              # '|'-separated prompts for sample grids; "" = preset's
     # --- sampling (samplers.py, sample.py, evaluate.py) ---
-    sampler: str = "euler"             # euler | heun | rk4
-    sample_steps: int = 30             # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
-    cfg_scale: float = 4.0             # classifier-free guidance scale (1 = off)
+    sampler: str = "rk4"               # euler | heun | rk4 (shapes: best of a sweep, see README)
+    sample_steps: int = 8              # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
+    cfg_scale: float = 3.0             # classifier-free guidance scale (1 = off)
 
     @property
     def patch_align(self) -> int:
@@ -188,17 +188,17 @@ PRESETS = {
         text_encoder="google/t5gemma-2-1b-1b", text_encoder_type="t5gemma2", text_layer=-1,
         text_dim=1152, max_token_length=128,
         hidden_size=768, num_heads=12, depth=16, refiner_depth=2, patch_size=2,
-        fourier_final_depth=2, prediction="v", dynamic_shift=True,
+        fourier_final_depth=2, prediction="v", dynamic_shift=True, t_mean=0.0,
         optimizer="adamw8bit", learning_rate=2e-4, weight_decay=0.01, batch_size=16,
-        ema_decay=0.999, warmup_steps=1000, max_steps=100_000,
-        log_every=50, val_every=2000, checkpoint_every=2000, cfg_scale=4.0, sample_steps=30,
+        ema_decay=0.999, warmup_steps=1000, max_steps=100_000, max_minutes=0.0,
+        log_every=50, val_every=2000, checkpoint_every=2000, sampler="euler", cfg_scale=4.0, sample_steps=30,
     ),
     # Tiny sizes for tests: seconds on a CPU.
     "tiny": dict(
         data_dir="data/shapes_tiny", cache_dir="data/cache/tiny", num_shapes=48, target_resolution=16, bucket_align=8,
         hidden_size=32, num_heads=2, depth=1, refiner_depth=1, patch_size=2, mlp_ratio=2.0,
-        max_token_length=16, batch_size=4, warmup_steps=2, max_steps=4,
-        log_every=1, val_every=0, checkpoint_every=2, sample_steps=4, val_fraction=0.1,
+        max_token_length=16, batch_size=4, warmup_steps=2, max_steps=4, max_minutes=0.0,
+        log_every=1, val_every=0, checkpoint_every=2, sampler="euler", sample_steps=4, val_fraction=0.1,
     ),
 }
 
@@ -282,10 +282,10 @@ def to_dict(cfg: Config) -> dict:
 
 
 def main_guard(main):
-    """Run a script's main(); a ConfigError becomes a one-line message and exit code 2."""
+    """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2."""
     try:
         return main()
-    except ConfigError as e:
+    except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

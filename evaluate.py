@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from config import ConfigError
+from config import ConfigError, main_guard
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
 
@@ -179,8 +179,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

@@ -17,7 +17,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from config import ConfigError, config_from_dict
+from config import ConfigError, main_guard, config_from_dict
 import samplers as S
 
 
@@ -205,8 +205,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)
