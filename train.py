@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import Config, config_from_dict, main_guard, parse_args, to_dict
+from config import Config, ConfigError, main_guard, parse_args, to_dict
 import samplers as S
 
 # ---------------------------------------------------------------------------------------------
@@ -150,15 +150,26 @@ def save_checkpoint(cfg: Config, state: dict) -> str:
     return path
 
 
-def find_resume_path(cfg: Config):
+def load_resume_checkpoint(cfg: Config):
+    """(path, checkpoint dict) to resume from, or (None, None). resume=auto takes the newest readable
+    checkpoint of the run (an unreadable one is reported and the previous one used)."""
     if not cfg.resume:
-        return None
+        return None, None
     if cfg.resume == "auto":
-        found = list_checkpoints(cfg)
-        return found[-1] if found else None
-    if not os.path.isfile(cfg.resume):
-        raise FileNotFoundError(f"resume={cfg.resume}: no such checkpoint file")
-    return cfg.resume
+        candidates = list_checkpoints(cfg)[::-1]
+    elif not os.path.isfile(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+    else:
+        candidates = [cfg.resume]
+    for path in candidates:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or foreign file
+            message = f"{path}: not a readable checkpoint ({type(e).__name__})"
+            if cfg.resume != "auto":
+                raise ConfigError(message) from None
+            print(f"warning: {message}; trying an older one")
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +283,8 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    resume_path, ckpt = load_resume_checkpoint(cfg)  # first: a bad resume= fails before any work
+
     # --- data: build or refresh the cache (rank 0), then loaders over it ---
     if master:
         manifest = ensure_cache(cfg)
@@ -293,12 +306,13 @@ def train(cfg: Config) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     step, epoch, batch_in_epoch, nonfinite = 0, 0, 0, 0
 
-    resume_path = find_resume_path(cfg)
     if resume_path:
-        ckpt = torch.load(resume_path, map_location=device, weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema_model.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"{resume_path}: does not match this config ({str(e).splitlines()[0][:120]})") from None
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"], gen)
         if master:

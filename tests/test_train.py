@@ -152,3 +152,22 @@ def test_sanity_check_overfits(tiny_data, tmp_path):
     result = sanity_check(cfg, steps=120, verbose=False)
     assert result["ok"], result["factor"]
     assert result["factor"] >= 10 and os.path.isfile(result["path"])
+
+
+def test_resume_errors_and_fallback(tiny_data, tmp_path):
+    from config import ConfigError
+    args = tiny_args(tiny_data, tmp_path, max_steps=4, checkpoint_every=2, keep_checkpoints=3, run_name="r")
+    cfg = get_config("tiny", **args)
+    T.train(cfg)
+    newest = T.list_checkpoints(cfg)[-1]
+    with open(newest, "wb") as f:  # damage the newest checkpoint
+        f.write(b"not a checkpoint")
+    path, state = T.load_resume_checkpoint(get_config("tiny", **dict(args, resume="auto")))
+    assert path.endswith("step_0000002.pt") and state["step"] == 2  # fell back to the older one
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        T.load_resume_checkpoint(get_config("tiny", **dict(args, resume=newest)))
+    with pytest.raises(ConfigError, match="no such checkpoint"):
+        T.train(get_config("tiny", **dict(args, resume=str(tmp_path / "missing.pt"))))
+    wider = get_config("tiny", **dict(args, run_name="wider", hidden_size=64, resume=path))
+    with pytest.raises(ConfigError, match="does not match this config"):
+        T.train(wider)
