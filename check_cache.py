@@ -13,7 +13,7 @@ the FLUX VAE gives roughly 30 dB or more on photos.
 import math
 import os
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 
 import torch
 from tqdm import tqdm

@@ -12,7 +12,6 @@ held-out split, and FID against held-out images when a local Inception network i
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -108,8 +107,8 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     from latents import LatentSpace
     from sample import encode_prompts, generate
     if not inception_path or not os.path.isfile(inception_path):
-        return None, (f"FID skipped: no local Inception network (give --inception PATH to a TorchScript "
-                      f"Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
+        return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
+                      "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
     net = torch.jit.load(inception_path, map_location=device).eval()
     val = CachedDataset(cfg, "val")
     n = min(len(val), max_images)

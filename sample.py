@@ -11,7 +11,6 @@ a labelled grid.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch

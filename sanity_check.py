@@ -49,7 +49,6 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
     data = CachedDataset(cfg, "train")
     if len(data) == 0:
         raise ConfigError(f"cache_dir={cfg.cache_dir}: no samples to overfit")
-    first = data[0]
     same_bucket = [i for i in range(len(data)) if data.bucket_keys[i] == data.bucket_keys[0]]
     batch = collate([data[i] for i in same_bucket[:min(4, cfg.batch_size)]])
     batch["drop"] = torch.zeros_like(batch["drop"])

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from config import Config, ConfigError, config_from_dict, get_config, parse_args, to_dict, PRESETS
+from config import ConfigError, config_from_dict, get_config, parse_args, to_dict, PRESETS
 
 
 def test_defaults_are_the_shapes_preset_and_valid():

@@ -1,6 +1,5 @@
 """dataset.py: the cached data set, its split and randomness, and the bucket batch sampler."""
 import os
-import random
 
 import pytest
 import torch

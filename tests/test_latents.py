@@ -1,6 +1,4 @@
 """latents.py: conventions, exact inverses, scale/shift from the VAE's own config, PIL <-> tensor."""
-import json
-import os
 
 import numpy as np
 import pytest

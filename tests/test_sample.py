@@ -20,7 +20,7 @@ def test_one_image_is_deterministic_and_sized(tiny_run, tmp_path):
     r1 = run(tiny_run, "--prompt", PROMPT, "--out", str(a), "--steps", "3", "--seed", "5")
     r2 = run(tiny_run, "--prompt", PROMPT, "--out", str(b), "--steps", "3", "--seed", "5")
     r3 = run(tiny_run, "--prompt", PROMPT, "--out", str(c), "--steps", "3", "--seed", "6", "--size", "24x16")
-    assert r1.returncode == 0, r1.stderr
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert "NFE 3" in r1.stdout and "s/image" in r1.stdout
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     assert Image.open(a).size == (16, 16)  # the tiny preset's square bucket

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+import checkpoint as C
 import train as T
 from config import get_config
 
@@ -80,7 +81,7 @@ def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
     result = T.train(cfg)
     assert result["status"].startswith("stopped: 3 non-finite")
     # steps 1 and 3 were good, step 2 was skipped; 4, 5, 6 non-finite -> stop after counting step 6
-    ckpts = T.list_checkpoints(cfg)
+    ckpts = C.list_checkpoints(cfg)
     ckpt = torch.load(ckpts[-1], weights_only=False)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     with open(os.path.join(cfg.run_dir, "log.csv")) as f:
@@ -104,11 +105,11 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tiny_data, tmp_path):
                      run_name="killed")
     cfg = get_config("tiny", **args)
     proc = run_script(["train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()])
-    ok = wait_for(lambda: len(T.list_checkpoints(cfg)) >= 2, proc)
+    ok = wait_for(lambda: len(C.list_checkpoints(cfg)) >= 2, proc)
     proc.kill()  # SIGKILL at an arbitrary moment
     proc.wait()
     assert ok, proc.stdout.read()
-    last = T.list_checkpoints(cfg)[-1]
+    last = C.list_checkpoints(cfg)[-1]
     state = torch.load(last, weights_only=False)
     assert state["step"] >= 2
     resumed = get_config("tiny", **dict(args, resume="auto", max_steps=state["step"] + 2))
@@ -128,7 +129,7 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(tiny_data, tmp_path):
     assert ok, out
     assert proc.returncode == 0, out
     assert "stopped by signal" in out and "Traceback" not in out
-    ckpts = T.list_checkpoints(cfg)
+    ckpts = C.list_checkpoints(cfg)
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] >= 3
 
 
@@ -159,13 +160,13 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
     args = tiny_args(tiny_data, tmp_path, max_steps=4, checkpoint_every=2, keep_checkpoints=3, run_name="r")
     cfg = get_config("tiny", **args)
     T.train(cfg)
-    newest = T.list_checkpoints(cfg)[-1]
+    newest = C.list_checkpoints(cfg)[-1]
     with open(newest, "wb") as f:  # damage the newest checkpoint
         f.write(b"not a checkpoint")
-    path, state = T.load_resume_checkpoint(get_config("tiny", **dict(args, resume="auto")))
+    path, state = C.load_resume_checkpoint(get_config("tiny", **dict(args, resume="auto")))
     assert path.endswith("step_0000002.pt") and state["step"] == 2  # fell back to the older one
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
-        T.load_resume_checkpoint(get_config("tiny", **dict(args, resume=newest)))
+        C.load_resume_checkpoint(get_config("tiny", **dict(args, resume=newest)))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         T.train(get_config("tiny", **dict(args, resume=str(tmp_path / "missing.pt"))))
     wider = get_config("tiny", **dict(args, run_name="wider", hidden_size=64, resume=path))

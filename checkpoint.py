@@ -1,0 +1,70 @@
+"""Checkpoints: plain dicts written atomically (temp file + rename), the newest K kept, and resume.
+
+A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
+resolved config (train.py builds it); the learning rate is a pure function of the step.
+"""
+import os
+import random
+
+import torch
+
+from config import Config, ConfigError
+
+def checkpoint_dir(cfg: Config) -> str:
+    return os.path.join(cfg.run_dir, "checkpoints")
+
+
+def list_checkpoints(cfg: Config) -> list:
+    d = checkpoint_dir(cfg)
+    if not os.path.isdir(d):
+        return []
+    names = sorted(n for n in os.listdir(d) if n.startswith("step_") and n.endswith(".pt"))
+    return [os.path.join(d, n) for n in names]
+
+
+def rng_state(gen) -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "gen": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, gen):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["gen"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(cfg: Config, state: dict) -> str:
+    os.makedirs(checkpoint_dir(cfg), exist_ok=True)
+    path = os.path.join(checkpoint_dir(cfg), f"step_{state['step']:07d}.pt")
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves either the old set or the new file, never half
+    for old in list_checkpoints(cfg)[:-cfg.keep_checkpoints]:
+        os.remove(old)
+    return path
+
+
+def load_resume_checkpoint(cfg: Config):
+    """(path, checkpoint dict) to resume from, or (None, None). resume=auto takes the newest readable
+    checkpoint of the run (an unreadable one is reported and the previous one used)."""
+    if not cfg.resume:
+        return None, None
+    if cfg.resume == "auto":
+        candidates = list_checkpoints(cfg)[::-1]
+    elif not os.path.isfile(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file")
+    else:
+        candidates = [cfg.resume]
+    for path in candidates:
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated or foreign file
+            message = f"{path}: not a readable checkpoint ({type(e).__name__})"
+            if cfg.resume != "auto":
+                raise ConfigError(message) from None
+            print(f"warning: {message}; trying an older one")
+    return None, None
