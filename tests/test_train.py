@@ -172,3 +172,12 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
     wider = get_config("tiny", **dict(args, run_name="wider", hidden_size=64, resume=path))
     with pytest.raises(ConfigError, match="does not match this config"):
         T.train(wider)
+
+
+def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1000, max_minutes=1e-6,
+                                           checkpoint_every=1000, run_name="timed"))
+    result = T.train(cfg)
+    assert result["status"].startswith("stopped after max_minutes") and result["step"] == 1
+    assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt"]
+    assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
