@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from config import ConfigError, main_guard, apply_overrides, parse_args
+from config import ConfigError, main_guard, apply_overrides, parse_args, resolve_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -222,8 +222,7 @@ def split_args(argv):
 
 def main():
     cfg, opts, only, compare_overrides = split_args(sys.argv[1:])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" \
-        else torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"

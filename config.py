@@ -281,6 +281,14 @@ def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
 
 
+def resolve_device(name: str = "auto"):
+    """torch.device for a device setting: "auto" is cuda when present, else cpu."""
+    import torch  # here, not at import: importing config probes no device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def main_guard(main):
     """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2."""
     try:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from config import ConfigError, main_guard
+from config import ConfigError, main_guard, resolve_device
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
 
@@ -148,8 +148,7 @@ def main():
     from sample import load_run
     import train as T
     from dataset import make_loader
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    device = resolve_device(args.device)
     cfg, model = load_run(args.run_dir, device)
     out_dir = os.path.join(args.run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)

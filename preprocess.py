@@ -32,7 +32,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, parse_args
+from config import Config, ConfigError, main_guard, parse_args, resolve_device
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTS = (".txt", ".caption")
@@ -334,10 +334,8 @@ def encode_device_and_dtype(cfg: Config, distributed: bool):
     """Where and in which precision to run the VAE and text encoder."""
     if distributed and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    elif cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
+        device = resolve_device(cfg.device)
     bf16 = device.type == "cuda" and cfg.mixed_precision != "fp32"
     return device, (torch.bfloat16 if bf16 else torch.float32)
 

@@ -16,7 +16,7 @@ import time
 import torch
 from PIL import Image, ImageDraw
 
-from config import ConfigError, main_guard, config_from_dict
+from config import ConfigError, main_guard, resolve_device, config_from_dict
 import samplers as S
 
 
@@ -161,8 +161,7 @@ def main():
     p.add_argument("--device", default="auto")
     args = p.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
-        else torch.device(args.device)
+    device = resolve_device(args.device)
     prompts = list(args.prompt)
     if args.prompts_file:
         try:

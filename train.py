@@ -11,6 +11,7 @@ A checkpoint holds model, EMA, optimiser, step, epoch, batch position, RNG state
 learning-rate schedule is a pure function of the step (lr_at), so the step restores it exactly.
 """
 import csv
+import json
 import math
 import os
 import random
@@ -23,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, parse_args, to_dict
+from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
 from checkpoint import checkpoint_dir, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -127,12 +128,6 @@ def setup_distributed():
     return rank, world, device
 
 
-def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def autocast_for(cfg: Config, device):
     """bf16 autocast on GPU; fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
@@ -215,7 +210,7 @@ def train(cfg: Config) -> dict:
     import generate_graph
 
     rank, world, device = setup_distributed()
-    device = device or resolve_device(cfg)
+    device = device or resolve_device(cfg.device)
     master = rank == 0
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -270,7 +265,6 @@ def train(cfg: Config) -> dict:
     log = val_log = None
     if master:
         os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        import json
         with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         log = CSVLog(os.path.join(cfg.run_dir, "log.csv"),
@@ -319,13 +313,16 @@ def train(cfg: Config) -> dict:
     bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
     loss_sum, loss_n = torch.zeros((), device=device), 0
     status = "done"
-    batches = None
+
+    def start_epoch(position):
+        """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
+        train_set.set_epoch(epoch)
+        batch_sampler.set_position(epoch, position)
+        return iter(loader)
+
+    batches = start_epoch(batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     while step < cfg.max_steps:
-        if batches is None:  # (re)start the epoch at the saved position
-            train_set.set_epoch(epoch)
-            batch_sampler.set_position(epoch, batch_in_epoch)
-            batches = iter(loader)
         last_step = step + 1 == cfg.max_steps
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
@@ -337,9 +334,7 @@ def train(cfg: Config) -> dict:
             batch = next(batches, None)
             if batch is None:  # epoch finished
                 epoch, batch_in_epoch = epoch + 1, 0
-                train_set.set_epoch(epoch)
-                batch_sampler.set_position(epoch, 0)
-                batches = iter(loader)
+                batches = start_epoch(0)
                 batch = next(batches)
             batch_in_epoch += 1
             batch = to_device(batch, device, cfg.trim_text)
@@ -395,6 +390,10 @@ def train(cfg: Config) -> dict:
 
         # checkpoint (also on a signal or the time limit)
         out_of_time = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
+        if world > 1:  # every rank must stop at the same step, or the others wait forever
+            flags = torch.tensor([stop["signal"] or 0, int(out_of_time)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop["signal"], out_of_time = int(flags[0]) or None, bool(flags[1])
         if stop["signal"] is not None:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
         elif out_of_time:
