@@ -5,6 +5,7 @@
     python bench.py flowers peak_tflops=165           # MFU against a peak you give (e.g. RTX 4090 bf16)
     python bench.py flowers --compare grad_checkpointing=true    # baseline vs change, interleaved
     python bench.py tiny --only train steps=5 warmup=2
+    python bench.py flowers --profile                 # torch.profiler table of the train step's kernels
 
 Inputs are synthetic (random latents and text embeddings of the preset's shapes), so no data is needed.
 Prints a small table and one JSON line (for tracking over time). Benchmarks print figures; they are not
@@ -26,7 +27,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe":
                "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
                "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 155.0}
 BENCH_DEFAULTS = {"steps": 10, "warmup": 3, "peak_tflops": 0.0, "sample_batch": 8, "sample_steps": 30,
-                  "rounds": 3}
+                  "rounds": 3, "padded": 1}  # padded=0: every caption fills max_token_length (no attention mask)
 
 
 def peak_for(device) -> float:
@@ -67,7 +68,7 @@ def synthetic_batch(cfg, device, batch_size, padded=True, gen=None):
 class TrainStep:
     """One configuration's model, EMA and optimiser, and a timed training step."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, padded=True):
         import train as T
         from model import DiTConfig, SingleStreamDiT
         self.cfg, self.device, self.T = cfg, device, T
@@ -76,9 +77,9 @@ class TrainStep:
         self.ema = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
         self.opt = T.make_optimizer(self.model, cfg)
         use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-        self.fwd = torch.compile(self.model) if use_compile else self.model
+        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if use_compile else self.model
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size), device, cfg.trim_text)
+        self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
 
     def step(self):
         cfg = self.cfg
@@ -86,9 +87,7 @@ class TrainStep:
         with self.T.autocast_for(cfg, self.device):
             loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        self.opt.step()
-        self.T.update_ema(self.ema, self.model, cfg.ema_decay)
+        self.T.optimizer_update(self.model, self.ema, self.opt, cfg, step=10**6)  # as train.py, its sync too
 
     def time(self, steps) -> float:
         sync(self.device)
@@ -108,7 +107,7 @@ class TrainStep:
 def bench_train(cfg, device, opts) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runner = TrainStep(cfg, device)
+    runner = TrainStep(cfg, device, bool(opts["padded"]))
     runner.time(opts["warmup"])
     sec = runner.time(opts["steps"])
     tflops = runner.flops_per_step() / sec / 1e12
@@ -182,9 +181,22 @@ def bench_preprocess(cfg, device, opts) -> dict:
     return out
 
 
+def profile_train(cfg, device, opts, rows=25) -> dict:
+    """Print torch.profiler's table of the training step's operators, most device time first."""
+    from torch.profiler import ProfilerActivity, profile
+    runner = TrainStep(cfg, device, bool(opts["padded"]))
+    runner.time(opts["warmup"])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        runner.time(opts["steps"])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
+    return {"profiled_steps": opts["steps"]}
+
+
 def compare(cfg_a, cfg_b, device, opts) -> dict:
     """Baseline vs change in one process, interleaved rounds; ratio > 1 means B is faster."""
-    a, b = TrainStep(cfg_a, device), TrainStep(cfg_b, device)
+    a, b = TrainStep(cfg_a, device, bool(opts["padded"])), TrainStep(cfg_b, device, bool(opts["padded"]))
     a.time(opts["warmup"])
     b.time(opts["warmup"])
     times_a, times_b = [], []
@@ -198,6 +210,9 @@ def compare(cfg_a, cfg_b, device, opts) -> dict:
 def split_args(argv):
     """Bench options (steps=, warmup=, peak_tflops=, ..., --only, --compare ...) apart from Config overrides."""
     opts, only, compare_overrides, rest = dict(BENCH_DEFAULTS), None, None, []
+    if "--profile" in argv:
+        argv = [a for a in argv if a != "--profile"]
+        only = ["profile"]
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -233,8 +248,12 @@ def main():
         result.update(compare(cfg, cfg_b, device, opts), compare=compare_overrides)
     else:
         parts = only or ["train", "sample", "preprocess"]
+        unknown = [p for p in parts if p not in ("train", "sample", "preprocess", "profile")]
+        if unknown:
+            raise ConfigError(f"--only {','.join(unknown)}: expected train, sample and/or preprocess")
         for part in parts:
-            result.update({"train": bench_train, "sample": bench_sample, "preprocess": bench_preprocess}[part](
+            result.update({"train": bench_train, "sample": bench_sample, "preprocess": bench_preprocess,
+                           "profile": profile_train}[part](
                 cfg, device, opts))
     print(f"bench on {name}:")
     for key, value in result.items():

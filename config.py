@@ -22,6 +22,7 @@ T_SAMPLINGS = ("uniform", "logit_normal")
 OPTIMIZERS = ("adamw8bit", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
 SWITCHES = ("auto", "on", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -106,6 +107,7 @@ class Config:
     ema_decay: float = 0.999           # EMA of the weights (fp32) for samples and export
     mixed_precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     compile: str = "auto"              # torch.compile: auto (on for GPU) | on | off
+    compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     num_workers: int = 0               # DataLoader workers
     trim_text: bool = True             # cut text to the longest caption in the batch (same output, faster)
     max_nonfinite: int = 5             # non-finite losses in a row before the run stops
@@ -139,7 +141,8 @@ class Config:
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
                              ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
                              ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),
-                             ("mixed_precision", PRECISIONS), ("compile", SWITCHES)]:
+                             ("mixed_precision", PRECISIONS), ("compile", SWITCHES),
+                             ("compile_mode", COMPILE_MODES)]:
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
         need(self.hidden_size % self.num_heads == 0, "hidden_size",
              f"must be divisible by num_heads={self.num_heads}")

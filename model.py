@@ -167,6 +167,14 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, L, D))                             # (B, L, D)
 
 
+def interpolation_matrix(pos: torch.Tensor, size: int) -> torch.Tensor:
+    """(len(pos), size) weights of 1D linear interpolation at fractional indices pos in [0, size-1]."""
+    lo = pos.floor().clamp(0, size - 2)
+    frac = (pos - lo)[:, None]
+    idx = torch.arange(size, device=pos.device)
+    return (idx == lo[:, None]) * (1 - frac) + (idx == lo[:, None] + 1) * frac
+
+
 class GlobalFourierFilter(nn.Module):
     """GFNet global filter (Rao et al. 2021): x + gate * irfft2(G * rfft2(x)) over the image-token grid.
 
@@ -185,12 +193,17 @@ class GlobalFourierFilter(nn.Module):
         self.gate = nn.Parameter(torch.zeros(dim))
 
     def gain_for(self, h: int, w: int):
-        """Real and imaginary gain, (h, w//2+1, D) each, at the frequencies of an h x w rfft2."""
-        fy = torch.fft.fftfreq(h, device=self.gain.device)             # (h,) in [-0.5, 0.5)
-        fx = torch.fft.rfftfreq(w, device=self.gain.device)            # (w//2+1,) in [0, 0.5]
-        grid = torch.stack(torch.meshgrid(4 * fx - 1, 2 * fy, indexing="xy"), -1)  # (h, w//2+1, 2) in [-1, 1]
-        g = F.grid_sample(self.gain.float(), grid[None], mode="bilinear", align_corners=True)  # (1, 2D, h, w//2+1)
-        return g[0].permute(1, 2, 0).chunk(2, -1)                        # (h, w//2+1, D) each
+        """Real and imaginary gain, (h, w//2+1, D) each, at the frequencies of an h x w rfft2.
+
+        Bilinear sampling of the 17 x 9 map is separable, so it is two small matmuls with 1D linear
+        interpolation matrices (same values as grid_sample with align_corners=True, whose backward
+        is a slow atomic scatter on GPU).
+        """
+        K = FOURIER_GAIN_STEPS
+        rows = interpolation_matrix((torch.fft.fftfreq(h, device=self.gain.device) + 0.5) * 2 * K, 2 * K + 1)
+        cols = interpolation_matrix(torch.fft.rfftfreq(w, device=self.gain.device) * 2 * K, K + 1)
+        g = rows @ self.gain[0].float() @ cols.T                          # (2D, h, w//2+1)
+        return g.permute(1, 2, 0).chunk(2, -1)                           # (h, w//2+1, D) each
 
     def forward(self, x, h: int, w: int):
         B, N, D = x.shape

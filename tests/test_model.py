@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import get_config, main_guard
@@ -213,7 +214,11 @@ def test_flops_match_a_hand_count_and_the_torch_flop_counter():
     expected = flops_breakdown(dc, 8, 12, 5)
     # torch 2.13's counter does not see the CPU SDPA kernel; attention is checked by the hand count above
     sdpa = sum(v for op, v in counted.items() if "attention" in str(op))
-    assert sum(counted.values()) - sdpa == sum(expected.values()) - expected["attention"]
+    # each Fourier filter also looks up its gain map with two small matmuls per batch (not per image):
+    # (h x 17) @ (2D, 17, 9) @ (9 x w//2+1) on the 4 x 6 patch grid
+    h, w, D, filters = 4, 6, dc.hidden_size, dc.refiner_depth * dc.fourier_refiner + dc.fourier_final_depth
+    gain_lookup = filters * 2 * (2 * D * h * 17 * 9 + 2 * D * h * 9 * (w // 2 + 1))
+    assert sum(counted.values()) - sdpa - gain_lookup == sum(expected.values()) - expected["attention"]
     assert sdpa in (0, expected["attention"])
 
 
@@ -249,6 +254,21 @@ def test_fourier_filter_starts_as_identity_and_adapts_to_any_grid():
     model = SingleStreamDiT(tiny(fourier_final_depth=2))
     assert model.fourier_gate_stats() == {"noise_refiner.0": 0.0, "final_stack.0": 0.0, "final_stack.1": 0.0}
     assert SingleStreamDiT(tiny(fourier_refiner=False, fourier_final_depth=0)).fourier_gate_stats() == {}
+
+
+def test_fourier_gain_interpolation_equals_bilinear_grid_sample():
+    """The separable-matmul gain lookup gives grid_sample's bilinear values (its old implementation)."""
+    torch.manual_seed(0)
+    filt = GlobalFourierFilter(5)
+    with torch.no_grad():
+        filt.gain.normal_()
+    for h, w in [(1, 1), (3, 5), (7, 2), (16, 9), (56, 56), (40, 72)]:
+        fy, fx = torch.fft.fftfreq(h), torch.fft.rfftfreq(w)
+        grid = torch.stack(torch.meshgrid(4 * fx - 1, 2 * fy, indexing="xy"), -1)  # x: columns, y: rows
+        ref = F.grid_sample(filt.gain, grid[None], mode="bilinear", align_corners=True)[0].permute(1, 2, 0)
+        re, im = filt.gain_for(h, w)
+        assert re.shape == im.shape == (h, w // 2 + 1, 5)
+        torch.testing.assert_close(torch.cat([re, im], -1), ref, atol=1e-6, rtol=1e-6)
 
 
 def test_autocast_bf16_matches_fp32_loosely():

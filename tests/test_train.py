@@ -181,3 +181,33 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
     assert result["status"].startswith("stopped after max_minutes") and result["step"] == 1
     assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt"]
     assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
+
+
+def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes():
+    """make_optimizer's AdamW8bit skips bnb's per-parameter synchronize and must update exactly like it."""
+    import bitsandbytes as bnb
+    from model import DiTConfig, SingleStreamDiT
+    cfg = get_config("tiny", optimizer="adamw8bit", hidden_size=64, num_heads=2)
+    torch.manual_seed(0)
+    a = SingleStreamDiT(DiTConfig.from_config(cfg))
+    b = SingleStreamDiT(DiTConfig.from_config(cfg))
+    b.load_state_dict(a.state_dict())
+    a_init = a.joint_blocks[0].mlp.w3.weight.detach().clone()
+    opt_a = T.make_optimizer(a, cfg)
+    opt_b = bnb.optim.AdamW8bit(b.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    assert type(opt_a).step is not bnb.optim.AdamW8bit.step
+    assert any(p.numel() >= 4096 for p in a.parameters())  # some tensors take the 8-bit blockwise path
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            pb.grad = pa.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert not torch.equal(a.joint_blocks[0].mlp.w3.weight, a_init)  # the steps did move the weights
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    for pa, pb in zip(a.parameters(), b.parameters()):  # 8-bit moments, absmax, step count
+        sa, sb = opt_a.state[pa], opt_b.state[pb]
+        assert sa.keys() == sb.keys() and sa["step"] == sb["step"] == 3 and "state1" in sa
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
