@@ -76,8 +76,7 @@ class TrainStep:
         self.model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)
         self.ema = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
         self.opt = T.make_optimizer(self.model, cfg)
-        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-        self.fwd = torch.compile(self.model, mode=cfg.compile_mode) if use_compile else self.model
+        self.fwd = T.compile_for_training(self.model, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
 
@@ -88,6 +87,26 @@ class TrainStep:
             loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
         loss.backward()
         self.T.optimizer_update(self.model, self.ema, self.opt, cfg, step=10**6)  # as train.py, its sync too
+
+    def memory_phases(self) -> dict:
+        """CUDA peak memory (GiB) within the forward, the backward and the optimiser update of one step."""
+        if self.device.type != "cuda":
+            return {}
+        out, cfg = {}, self.cfg
+        self.opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(self.device)
+        for phase in ("forward", "backward", "optimizer"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            if phase == "forward":
+                with self.T.autocast_for(cfg, self.device):
+                    loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
+            elif phase == "backward":
+                loss.backward()
+            else:
+                self.T.optimizer_update(self.model, self.ema, self.opt, cfg, step=10**6)
+            torch.cuda.synchronize(self.device)
+            out[f"peak_mem_{phase}_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return out
 
     def time(self, steps) -> float:
         sync(self.device)
@@ -114,7 +133,7 @@ def bench_train(cfg, device, opts) -> dict:
     peak = opts["peak_tflops"] or peak_for(device)
     return {"train_s_per_step": sec, "train_images_per_s": cfg.batch_size / sec, "train_tflops": tflops,
             "mfu": tflops / peak if peak else None, "peak_tflops": peak or None,
-            "peak_mem_gib": peak_memory_gib(device)}
+            "peak_mem_gib": peak_memory_gib(device), **runner.memory_phases()}
 
 
 @torch.no_grad()

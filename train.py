@@ -174,6 +174,23 @@ def setup_distributed():
     return rank, world, device
 
 
+def compile_for_training(model, cfg: Config, device):
+    """The callable to train with: the model, torch.compile'd per cfg.compile / cfg.compile_mode.
+
+    With grad_checkpointing each block is compiled on its own (regional compilation) and checkpointed
+    around: compiling the whole model lets inductor's partitioner choose what to save, and on an H100 it
+    kept most activations (flowers, batch 16: 8.9 GiB peak, vs 3.8 GiB for eager checkpointing).
+    """
+    if not (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")):
+        return model
+    if not cfg.grad_checkpointing:
+        return torch.compile(model, mode=cfg.compile_mode)
+    for blocks in (model.noise_refiner, model.context_refiner, model.joint_blocks, model.final_stack):
+        for block in blocks:
+            block.compile(mode=cfg.compile_mode)
+    return model
+
+
 def autocast_for(cfg: Config, device):
     """bf16 autocast on GPU; fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
     use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
@@ -298,10 +315,7 @@ def train(cfg: Config) -> dict:
     elif cfg.resume == "auto" and master:
         print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
 
-    train_model = model
-    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        train_model = torch.compile(model, mode=cfg.compile_mode)
+    train_model = compile_for_training(model, cfg, device)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
