@@ -122,6 +122,7 @@ class Config:
     sampler: str = "rk4"               # euler | heun | rk4 (shapes: best of a sweep, see README)
     sample_steps: int = 8              # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
     cfg_scale: float = 3.0             # classifier-free guidance scale (1 = off)
+    sample_shift: float = 0.0          # time shift of the sampling grid (>1: more steps at high noise); 0 = training's
 
     @property
     def patch_align(self) -> int:
@@ -175,6 +176,7 @@ class Config:
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(0 < self.x_pred_t_min < 1, "x_pred_t_min", "must be in (0, 1)")
         need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")
         return self
 
 

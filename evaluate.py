@@ -140,20 +140,22 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-pair", type=int, default=8, help="shapes: prompts per (colour, shape) pair")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    from sample import load_run
+    from sample import load_run, with_sample_shift
     import train as T
     from dataset import make_loader
     device = resolve_device(args.device)
     cfg, model = load_run(args.run_dir, device)
+    cfg = with_sample_shift(cfg, args.shift)
     out_dir = os.path.join(args.run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     report = {"sampler": args.sampler or cfg.sampler, "steps": args.steps or cfg.sample_steps,
-              "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg}
+              "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg, "sample_shift": cfg.sample_shift}
     if cfg.data_source == "shapes":
         summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,
                                   args.per_pair)
@@ -173,7 +175,8 @@ def main():
     report["fid"] = fid
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print(f"wrote {out_dir}/eval.json ({report['sampler']}, {report['steps']} steps, cfg {report['cfg_scale']})")
+    print(f"wrote {out_dir}/eval.json ({report['sampler']}, {report['steps']} steps, cfg {report['cfg_scale']}, "
+          f"sample_shift {report['sample_shift'] or 'as trained'})")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 
 import torch
 from PIL import Image, ImageDraw
@@ -67,7 +68,7 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     method = sampler or cfg.sampler
     device = text.device
-    shift = S.time_shift_for(cfg, (h // f // cfg.patch_size) * (w // f // cfg.patch_size))
+    shift = cfg.sample_shift or S.time_shift_for(cfg, (h // f // cfg.patch_size) * (w // f // cfg.patch_size))
     images, nfe_total = [], 0
     for start in range(0, text.shape[0], batch_size):
         idx = range(start, min(start + batch_size, text.shape[0]))
@@ -83,6 +84,15 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
         images += tensor_to_images(latent_space.decode(x0.float()))
         nfe_total = nfe
     return (images, nfe_total) if return_nfe else images
+
+
+def with_sample_shift(cfg, shift):
+    """cfg with sample_shift set from a --shift option (None: unchanged; must be >= 0)."""
+    if shift is None:
+        return cfg
+    if shift < 0:
+        raise ConfigError(f"--shift {shift}: must be >= 0 (0 = the training shift)")
+    return replace(cfg, sample_shift=shift)
 
 
 def save_grid(images, labels, path, cols=None, min_side=128):
@@ -155,6 +165,7 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off)")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out.png")
@@ -174,6 +185,7 @@ def main():
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ConfigError("--num and --steps must be >= 1")
     cfg, model = load_run(args.run_dir, device)
+    cfg = with_sample_shift(cfg, args.shift)
     size = parse_size(args.size, cfg) if args.size else None
     from latents import LatentSpace
     stats = None
