@@ -99,7 +99,7 @@ class Config:
     beta2: float = 0.99
     warmup_steps: int = 100            # linear warmup, then cosine decay to min_lr_ratio
     min_lr_ratio: float = 0.1          # final lr = min_lr_ratio * learning_rate
-    max_steps: int = 4000              # optimiser steps
+    max_steps: int = 5000              # optimiser steps (shapes: ~13 min on 2 CPU cores)
     max_minutes: float = 13.5          # also stop (cleanly, saved) after this many minutes; 0 = no limit
     batch_size: int = 16               # per device, per micro-step
     grad_accum: int = 1                # micro-steps per optimiser step
@@ -121,7 +121,7 @@ class Config:
     # --- sampling (samplers.py, sample.py, evaluate.py) ---
     sampler: str = "rk4"               # euler | heun | rk4 (shapes: best of a sweep, see README)
     sample_steps: int = 8              # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
-    cfg_scale: float = 3.0             # classifier-free guidance scale (1 = off)
+    cfg_scale: float = 2.0             # classifier-free guidance scale (1 = off; shapes: best of a sweep)
     sample_shift: float = 0.0          # time shift of the sampling grid (>1: more steps at high noise); 0 = training's
 
     @property
