@@ -8,7 +8,9 @@
 Everything a run writes lives in runs/<run_name>/: config.json, log.csv, val.csv, samples/,
 checkpoints/, model/ (the exported EMA weights for sample.py and the notebook) and the graphs.
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position, RNG states and config; the
-learning-rate schedule is a pure function of the step (lr_at), so the step restores it exactly.
+learning-rate schedule is a function of the step (lr_at), so the step restores it exactly. With
+max_minutes set, a run too slow to reach max_steps in time anneals on the clock instead (lr_at's
+time_frac), so a time-cut run still ends at the low learning rate.
 """
 import csv
 import json
@@ -83,11 +85,18 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
     return loss, per_sample.detach(), t
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate."""
+def lr_at(step: int, cfg: Config, time_frac: float = 0.0) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate.
+
+    time_frac (elapsed / max_minutes) makes the decay follow whichever budget runs out first: the
+    cosine is taken at max(step, time_frac * max_steps), so on a machine too slow to reach max_steps
+    in time the run still anneals fully by the deadline. On a fast machine the step always leads and
+    the schedule is the plain (deterministic) one.
+    """
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    at = max(step, time_frac * cfg.max_steps)
+    progress = min(1.0, (at - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.learning_rate * ratio
 
@@ -367,7 +376,7 @@ def train(cfg: Config) -> dict:
 
     # --- the training loop ---
     model.train()
-    t_start = time.time()
+    t_start, time_frac = time.time(), 0.0  # time_frac: elapsed / max_minutes (0 without a limit)
     t_log, images_since_log = time.time(), 0
     # running sums stay on the device: no host-device sync until a logging step
     bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
@@ -384,8 +393,9 @@ def train(cfg: Config) -> dict:
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     while step < cfg.max_steps:
         last_step = step + 1 == cfg.max_steps
+        lr = lr_at(step, cfg, time_frac)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
 
         # step: grad_accum micro-batches, then clip, check, update, EMA
         optimizer.zero_grad(set_to_none=True)
@@ -424,7 +434,7 @@ def train(cfg: Config) -> dict:
         if master and (step % cfg.log_every == 0 or last_step):
             elapsed = time.time() - t_log
             mean_loss = (loss_sum / max(loss_n, 1)).item()
-            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr_at(step - 1, cfg),
+            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": nonfinite,
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
@@ -446,11 +456,13 @@ def train(cfg: Config) -> dict:
                 tqdm.write(f"step {step}: val_loss {row['val_loss']:.4f}")
 
         # checkpoint (also on a signal or the time limit)
-        out_of_time = cfg.max_minutes > 0 and (time.time() - t_start) / 60 >= cfg.max_minutes
-        if world > 1:  # every rank must stop at the same step, or the others wait forever
-            flags = torch.tensor([stop["signal"] or 0, int(out_of_time)], device=device)
+        if cfg.max_minutes > 0:
+            time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
+        if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
+            flags = torch.tensor([stop["signal"] or 0, time_frac], device=device, dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop["signal"], out_of_time = int(flags[0]) or None, bool(flags[1])
+            stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
+        out_of_time = time_frac >= 1.0
         if stop["signal"] is not None:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
         elif out_of_time:

@@ -33,6 +33,11 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
     assert T.lr_at(0, cfg) == pytest.approx(0.1) and T.lr_at(9, cfg) == pytest.approx(1.0)
     assert T.lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
     assert T.lr_at(110, cfg) == pytest.approx(0.1)
+    # with a time budget the cosine follows whichever runs out first: the step or the clock
+    assert T.lr_at(60, cfg, time_frac=0.2) == T.lr_at(60, cfg)             # ahead of the clock: by step
+    assert T.lr_at(20, cfg, time_frac=60 / 110) == pytest.approx(T.lr_at(60, cfg))  # behind: by time
+    assert T.lr_at(30, cfg, time_frac=1.0) == pytest.approx(0.1)           # deadline: fully annealed
+    assert T.lr_at(5, cfg, time_frac=0.9) == T.lr_at(5, cfg)               # warmup stays by step
 
 
 @pytest.mark.parametrize("overrides", [
