@@ -80,30 +80,32 @@ class TrainStep:
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
 
+    def phases(self):
+        """The step as (name, callable) phases: forward, backward, optimiser update (as train.py, its sync too)."""
+        loss = []
+
+        def forward():
+            with self.T.autocast_for(self.cfg, self.device):
+                loss.append(self.T.flow_matching_loss(self.fwd, self.batch, self.cfg, self.gen)[0])
+
+        return [("forward", forward), ("backward", lambda: loss.pop().backward()),
+                ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6))]
+
     def step(self):
-        cfg = self.cfg
         self.opt.zero_grad(set_to_none=True)
-        with self.T.autocast_for(cfg, self.device):
-            loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
-        loss.backward()
-        self.T.optimizer_update(self.model, self.ema, self.opt, cfg, step=10**6)  # as train.py, its sync too
+        for _, run in self.phases():
+            run()
 
     def memory_phases(self) -> dict:
         """CUDA peak memory (GiB) within the forward, the backward and the optimiser update of one step."""
         if self.device.type != "cuda":
             return {}
-        out, cfg = {}, self.cfg
+        out = {}
         self.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize(self.device)
-        for phase in ("forward", "backward", "optimizer"):
+        for phase, run in self.phases():
             torch.cuda.reset_peak_memory_stats(self.device)
-            if phase == "forward":
-                with self.T.autocast_for(cfg, self.device):
-                    loss, _, _ = self.T.flow_matching_loss(self.fwd, self.batch, cfg, self.gen)
-            elif phase == "backward":
-                loss.backward()
-            else:
-                self.T.optimizer_update(self.model, self.ema, self.opt, cfg, step=10**6)
+            run()
             torch.cuda.synchronize(self.device)
             out[f"peak_mem_{phase}_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out

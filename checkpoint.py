@@ -1,7 +1,7 @@
 """Checkpoints: plain dicts written atomically (temp file + rename), the newest K kept, and resume.
 
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
-resolved config (train.py builds it); the learning rate is a pure function of the step.
+resolved config (train.py builds it); the learning rate is a function of the step (train.lr_at).
 """
 import os
 import random
@@ -9,6 +9,7 @@ import random
 import torch
 
 from config import Config, ConfigError
+
 
 def checkpoint_dir(cfg: Config) -> str:
     return os.path.join(cfg.run_dir, "checkpoints")

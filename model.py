@@ -81,7 +81,6 @@ def joint_positions(h: int, w: int, text_len: int, device=None):
     return torch.cat([text, rows]), torch.cat([text, cols])
 
 
-
 def fractional_position_embedding(h: int, w: int, dim: int, device=None):
     """(h*w, dim) fixed sin-cos of each patch centre as a fraction of the grid: (r+0.5)/h, (c+0.5)/w.
 

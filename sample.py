@@ -57,11 +57,9 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     from latents import tensor_to_images
     text, mask = prompt_emb
     if cfg.trim_text:  # padding is never attended: cut it once for all steps (same images, faster)
-        longest = max(1, int(mask.sum(1).max()))
-        text, mask = text[:, :longest], mask[:, :longest]
+        text, mask = S.trim_padding(text, mask)
         if negative_emb is not None:
-            n_longest = max(1, int(negative_emb[1].sum(1).max()))
-            negative_emb = (negative_emb[0][:, :n_longest], negative_emb[1][:, :n_longest])
+            negative_emb = S.trim_padding(*negative_emb)
     w, h = size or default_size(cfg)
     f = cfg.vae_downsample
     steps = steps or cfg.sample_steps

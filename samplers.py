@@ -225,6 +225,13 @@ def _pad_tokens(text: torch.Tensor, mask: torch.Tensor, length: int):
     return text, mask
 
 
+def trim_padding(text: torch.Tensor, mask: torch.Tensor):
+    """text (B, L, D) and mask (B, L) cut to the longest caption: padding is never attended, so the model's
+    output is the same, for less work."""
+    longest = max(1, int(mask.sum(1).max()))
+    return text[:, :longest], mask[:, :longest]
+
+
 def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_scale: float,
                        prediction: str, t_min: float, neg_text: torch.Tensor = None,
                        neg_mask: torch.Tensor = None):

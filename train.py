@@ -209,8 +209,8 @@ def autocast_for(cfg: Config, device):
 def to_device(batch: dict, device, trim_text=False) -> dict:
     """Move a batch; with trim_text, cut the text to the longest caption (padding is never attended)."""
     if trim_text:
-        longest = max(1, int(batch["mask"].sum(1).max()))
-        batch = dict(batch, text=batch["text"][:, :longest], mask=batch["mask"][:, :longest])
+        text, mask = S.trim_padding(batch["text"], batch["mask"])
+        batch = dict(batch, text=text, mask=mask)
     # computed on the host before the copy, so the model needs no host-device sync to pick its kernel
     batch = dict(batch, text_padded=bool((~batch["mask"]).any() or batch["drop"].any()))
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
