@@ -81,7 +81,7 @@ class Config:
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
-    t_mean: float = 0.8                # logit-normal mean (> 0: more noisy t, where layout is decided; JiT)
+    t_mean: float = 0.4                # logit-normal mean (> 0: more noisy t; shapes: 0 loses backgrounds, 0.8 small shapes)
     t_std: float = 1.0                 # logit-normal std
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
     dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
@@ -121,7 +121,7 @@ class Config:
     # --- sampling (samplers.py, sample.py, evaluate.py) ---
     sampler: str = "rk4"               # euler | heun | rk4 (shapes: best of a sweep, see README)
     sample_steps: int = 8              # ODE steps (NFE: euler = steps, heun = 2*steps-1, rk4 = 4*steps)
-    cfg_scale: float = 2.0             # classifier-free guidance scale (1 = off; shapes: best of a sweep)
+    cfg_scale: float = 2.5             # classifier-free guidance scale (1 = off; shapes: best of a sweep)
     sample_shift: float = 0.0          # time shift of the sampling grid (>1: more steps at high noise); 0 = training's
 
     @property

@@ -2,12 +2,17 @@
 
     python evaluate.py runs/shapes                      # shapes: pixel-analysis scores per attribute
     python evaluate.py runs/flowers --inception inception-2015-12-05.pt   # + FID on held-out images
+    python evaluate.py runs/shapes --renoise            # + at which noise level attributes get lost
 
 For the shapes data set it generates one image per fixed evaluation prompt (every attribute value,
 the held-out (colour, shape) pairs included), scores each by deterministic pixel analysis against its
 prompt (shapes.py) and prints a table per attribute, seen and held-out pairs apart; the scored grid goes
 to runs/<name>/eval/. For any data set it reports the validation loss per timestep bucket on the
 held-out split, and FID against held-out images when a local Inception network is given.
+
+--renoise (shapes) noises ground-truth renders of the evaluation prompts to t and lets the model denoise
+them back (SDEdit, Meng et al. 2022): an attribute whose score drops between two starting t is one the
+model loses in that noise range, which tells where training time should go (see the README).
 """
 import argparse
 import json
@@ -70,6 +75,61 @@ def print_table(summary):
         if group in summary:
             row = summary[group]
             print(f"{group:10s}" + "".join(f"{100 * row[a]:10.1f}%" for a in ATTRIBUTES))
+
+
+RENOISE_STARTS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)
+
+
+def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_scale=None, sampler=None,
+                   seed=0, per_pair=4):
+    """{t_start: score summary}: the evaluation prompts' ground truth (rendered and resized to the
+    evaluation buckets as preprocess.py does), noised to x_t = (1 - t) x0 + t eps and sampled back to
+    t = 0 with the run's sampler (round(steps * t) steps, at least 1), then scored. t = 0 scores the
+    ground truth itself (the checker's ceiling at this resolution), t = 1 is plain generation; a model
+    that kept whatever it is given would score as the ground truth at every t < 1."""
+    import random
+    import shapes
+    import samplers as S
+    from latents import LatentSpace, images_to_tensor, tensor_to_images
+    from preprocess import resize_and_crop
+    from sample import encode_prompts
+    attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
+    space = LatentSpace.from_config(cfg, device=device)
+    text, mask = encode_prompts(cfg, [shapes.caption(a) for a in attrs_list], device)
+    rng = random.Random(seed)
+    truth = [shapes.render(a, *shapes.canvas_size(a["aspect"]), rng) for a in attrs_list]
+    steps = steps or cfg.sample_steps
+    scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    results = {}
+    for t_start in starts:
+        images = [None] * len(attrs_list)
+        for aspect, (w, h) in eval_sizes(cfg).items():
+            idx = [i for i, a in enumerate(attrs_list) if a["aspect"] == aspect]
+            if not idx:
+                continue
+            x0 = space.encode(images_to_tensor([resize_and_crop(truth[i], (w, h)) for i in idx]).to(device))
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                                 for i in idx]).to(device)                             # (B, C, h, w)
+            sub_text, sub_mask = S.trim_padding(text[idx], mask[idx])
+            velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, cfg.prediction, cfg.x_pred_t_min)
+            tokens = (x0.shape[-2] // cfg.patch_size) * (x0.shape[-1] // cfg.patch_size)
+            shift = cfg.sample_shift or S.time_shift_for(cfg, tokens)
+            x = x0
+            if t_start > 0:
+                x, _ = S.sample_ode(velocity, (1 - t_start) * x0 + t_start * noise, max(1, round(steps * t_start)),
+                                    sampler or cfg.sampler, shift=shift, t_start=t_start)
+            for i, img in zip(idx, tensor_to_images(space.decode(x.float()))):
+                images[i] = img
+        results[t_start] = shapes.score_images(images, attrs_list)
+    return results
+
+
+def print_renoise(results):
+    print("denoising noised ground truth from t (all prompts):")
+    print(f"{'t':>10s}" + "".join(f"{a:>11s}" for a in ATTRIBUTES))
+    for t_start, summary in results.items():
+        row = summary["overall"]
+        print(f"{t_start:10.2f}" + "".join(f"{100 * row[a]:10.1f}%" for a in ATTRIBUTES))
 
 
 # --- FID (Frechet Inception Distance) with a local Inception network -------------------------------
@@ -144,6 +204,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-pair", type=int, default=8, help="shapes: prompts per (colour, shape) pair")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
+    p.add_argument("--renoise", action="store_true",
+                   help="shapes: also score denoising of noised ground truth from several t")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     from sample import load_run, with_sample_shift
@@ -161,6 +223,13 @@ def main():
                                   args.per_pair)
         print_table(summary)
         report["shapes"] = summary
+        if args.renoise:
+            results = renoise_shapes(cfg, model, device, steps=args.steps, cfg_scale=args.cfg,
+                                     sampler=args.sampler, seed=args.seed)
+            print_renoise(results)
+            report["renoise"] = {str(t): r for t, r in results.items()}
+    elif args.renoise:
+        print("--renoise skipped: only for the shapes data set (its ground truth can be rendered)")
     try:
         loader, _, val = make_loader(cfg, "val")
         if len(val):

@@ -181,8 +181,11 @@ def nfe_for(method: str, steps: int) -> int:
 
 @torch.no_grad()
 def sample_ode(velocity_fn, noise: torch.Tensor, steps: int, method: str = "euler", shift: float = 1.0,
-               callback=None, progress: bool = False):
+               callback=None, progress: bool = False, t_start: float = 1.0):
     """Integrate dx/dt = velocity_fn(x, t) from t = 1 (x = noise) to t = 0 on time_grid(steps, shift).
+
+    t_start < 1 starts from a partly noised sample x_t instead (SDEdit, Meng et al. 2022): the grid is
+    time_grid(steps, shift) scaled by t_start.
 
     Returns (x0, nfe), nfe = the number of velocity_fn calls (one batched CFG forward counts once):
     see nfe_for. callback(i, t_next, x_next) is called after each step i = 0..steps-1 (e.g. to plot
@@ -198,7 +201,9 @@ def sample_ode(velocity_fn, noise: torch.Tensor, steps: int, method: str = "eule
         nfe += 1
         return velocity_fn(x, t)
 
-    grid = time_grid(steps, shift).tolist()    # Python floats: step sizes computed in float64
+    if not 0.0 < t_start <= 1.0:
+        raise ConfigError(f"t_start={t_start}: must be in (0, 1]")
+    grid = (time_grid(steps, shift) * t_start).tolist()  # Python floats: step sizes computed in float64
     x = noise
     iterator = range(steps)
     if progress:

@@ -46,3 +46,22 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
     assert fid is not None and fid >= 0 and message.startswith("FID")
     none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))
     assert none is None and "FID skipped" in message
+
+
+def test_renoise_keeps_ground_truth_at_tiny_t_and_is_on_the_cli(tiny_run):
+    from evaluate import renoise_shapes
+    from sample import load_run
+    cfg, model = load_run(tiny_run)
+    results = renoise_shapes(cfg, model, torch.device("cpu"), starts=(0.0, 1e-3, 1.0), steps=2, per_pair=1)
+    assert list(results) == [0.0, 1e-3, 1.0]
+    truth, near = results[0.0]["overall"], results[1e-3]["overall"]
+    assert truth["n"] == near["n"] == 18 and truth["color"] == truth["background"] == 1.0
+    # from t = 0.001 the (barely trained) model can change almost nothing: it scores as the ground truth
+    assert abs(near["all"] - truth["all"]) <= 1 / 18
+    assert 0.0 <= results[1.0]["overall"]["all"] <= 1.0
+    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "2", "--renoise"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "denoising noised ground truth" in r.stdout
+    report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
+    assert set(report["renoise"]) == {"0.0", "0.1", "0.2", "0.3", "0.45", "0.6", "0.8", "1.0"}

@@ -173,6 +173,19 @@ def test_sample_ode_nfe_callback_and_errors():
         S.sample_ode(analytic_velocity, noise, 4, "dpm")
 
 
+def test_sample_ode_from_a_partly_noised_sample():
+    # data = one point c: the exact velocity is (x_t - c) / t, so any step from x_t lands on c
+    c, eps = _rand(2, 3, 4, 4, seed=7), _rand(2, 3, 4, 4, seed=8)
+    seen = []
+    x, nfe = S.sample_ode(lambda x, t: (x - c) / S._per_sample(t, x), (1 - 0.3) * c + 0.3 * eps, 3, "euler",
+                          t_start=0.3, callback=lambda i, t, x: seen.append(t))
+    torch.testing.assert_close(x, c)
+    assert nfe == 3 and seen == pytest.approx([0.2, 0.1, 0.0])
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="t_start"):
+            S.sample_ode(analytic_velocity, eps, 2, "euler", t_start=bad)
+
+
 def test_velocity_fn_gets_per_sample_t():
     shapes = []
 
