@@ -92,7 +92,7 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
     import samplers as S
     from latents import LatentSpace, images_to_tensor, tensor_to_images
     from preprocess import resize_and_crop
-    from sample import encode_prompts
+    from sample import encode_prompts, sampling_shift
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     space = LatentSpace.from_config(cfg, device=device)
     text, mask = encode_prompts(cfg, [shapes.caption(a) for a in attrs_list], device)
@@ -100,20 +100,21 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
     truth = [shapes.render(a, *shapes.canvas_size(a["aspect"]), rng) for a in attrs_list]
     steps = steps or cfg.sample_steps
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
+    groups = []  # per bucket, once for every start: (indices, clean latents, noise, velocity_fn, shift)
+    for aspect, (w, h) in eval_sizes(cfg).items():
+        idx = [i for i, a in enumerate(attrs_list) if a["aspect"] == aspect]
+        if not idx:
+            continue
+        x0 = space.encode(images_to_tensor([resize_and_crop(truth[i], (w, h)) for i in idx]).to(device))
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + i))
+                             for i in idx]).to(device)                                 # (B, C, h, w)
+        sub_text, sub_mask = S.trim_padding(text[idx], mask[idx])
+        velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, cfg.prediction, cfg.x_pred_t_min)
+        groups.append((idx, x0, noise, velocity, sampling_shift(cfg, *x0.shape[-2:])))
     results = {}
     for t_start in starts:
         images = [None] * len(attrs_list)
-        for aspect, (w, h) in eval_sizes(cfg).items():
-            idx = [i for i, a in enumerate(attrs_list) if a["aspect"] == aspect]
-            if not idx:
-                continue
-            x0 = space.encode(images_to_tensor([resize_and_crop(truth[i], (w, h)) for i in idx]).to(device))
-            noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + i))
-                                 for i in idx]).to(device)                             # (B, C, h, w)
-            sub_text, sub_mask = S.trim_padding(text[idx], mask[idx])
-            velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, cfg.prediction, cfg.x_pred_t_min)
-            tokens = (x0.shape[-2] // cfg.patch_size) * (x0.shape[-1] // cfg.patch_size)
-            shift = cfg.sample_shift or S.time_shift_for(cfg, tokens)
+        for idx, x0, noise, velocity, shift in groups:
             x = x0
             if t_start > 0:
                 x, _ = S.sample_ode(velocity, (1 - t_start) * x0 + t_start * noise, max(1, round(steps * t_start)),

@@ -66,7 +66,7 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     scale = cfg.cfg_scale if cfg_scale is None else cfg_scale
     method = sampler or cfg.sampler
     device = text.device
-    shift = cfg.sample_shift or S.time_shift_for(cfg, (h // f // cfg.patch_size) * (w // f // cfg.patch_size))
+    shift = sampling_shift(cfg, h // f, w // f)
     images, nfe_total = [], 0
     for start in range(0, text.shape[0], batch_size):
         idx = range(start, min(start + batch_size, text.shape[0]))
@@ -82,6 +82,11 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
         images += tensor_to_images(latent_space.decode(x0.float()))
         nfe_total = nfe
     return (images, nfe_total) if return_nfe else images
+
+
+def sampling_shift(cfg, latent_h: int, latent_w: int) -> float:
+    """Time shift of the sampling grid: sample_shift when set, else the training's for this size."""
+    return cfg.sample_shift or S.time_shift_for(cfg, (latent_h // cfg.patch_size) * (latent_w // cfg.patch_size))
 
 
 def with_sample_shift(cfg, shift):
