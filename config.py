@@ -83,6 +83,7 @@ class Config:
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
     t_mean: float = 0.4                # logit-normal mean (> 0: more noisy t; shapes: 0 loses backgrounds, 0.8 small shapes)
     t_std: float = 1.0                 # logit-normal std
+    t_uniform_mix: float = 0.0         # fraction of t drawn uniformly instead (trains the rare tails)
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
     dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
     x_pred_t_min: float = 0.05         # clamp on t when turning an x-prediction into a velocity
@@ -174,6 +175,7 @@ class Config:
                     "beta1", "beta2"]:
             need(0 <= getattr(self, key) < 1, key, "must be in [0, 1)")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
+        need(0 <= self.t_uniform_mix <= 1, "t_uniform_mix", "must be in [0, 1]")
         need(0 < self.x_pred_t_min < 1, "x_pred_t_min", "must be in (0, 1)")
         need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
         need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")

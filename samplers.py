@@ -107,11 +107,14 @@ def time_shift_for(cfg, num_image_tokens: int) -> float:
 
 
 def sample_timesteps(batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
-                     shift: float = 1.0, generator: torch.Generator = None, device="cpu") -> torch.Tensor:
+                     shift: float = 1.0, generator: torch.Generator = None, device="cpu",
+                     uniform_mix: float = 0.0) -> torch.Tensor:
     """(B,) float32 training times in [0, 1].
 
     uniform: t ~ U[0, 1). logit_normal: t = sigmoid(n), n ~ N(mean, std^2) (SD3 Sec. 3.1: puts more
     weight on the middle times where the velocity is hardest to predict); its median is sigmoid(mean).
+    uniform_mix: this fraction of the batch (in expectation) is drawn from U[0, 1) instead, so the
+    tails the logit-normal almost never visits (t < 0.1, t > 0.9) still get trained.
     Then the time shift (shift_time) is applied. Pass a seeded generator (on `device`) to reproduce.
     """
     if kind == "uniform":
@@ -120,6 +123,9 @@ def sample_timesteps(batch: int, kind: str = "logit_normal", mean: float = 0.0, 
         t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
     else:
         raise ConfigError(f"t_sampling={kind!r}: must be uniform or logit_normal")
+    if uniform_mix > 0 and kind != "uniform":
+        pick = torch.rand(batch, generator=generator, device=device) < uniform_mix
+        t = torch.where(pick, torch.rand(batch, generator=generator, device=device), t)
     return shift_time(t, shift) if shift != 1.0 else t                 # (B,)
 
 

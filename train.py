@@ -63,7 +63,8 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
     if t is None:
         n_tokens = (H // cfg.patch_size) * (W // cfg.patch_size)
         t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,
-                               S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device)
+                               S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device,
+                               uniform_mix=cfg.t_uniform_mix)
     x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
     out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
     v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min)

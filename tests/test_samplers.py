@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import samplers as S  # noqa: E402
-from config import ConfigError, get_config  # noqa: E402
+from config import Config, ConfigError, get_config  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -114,6 +114,22 @@ def test_timesteps_range_median_and_determinism():
     assert us.median().item() == pytest.approx(0.75, abs=0.01)
     with pytest.raises(ConfigError, match="t_sampling"):
         S.sample_timesteps(4, "beta")
+
+
+def test_timesteps_uniform_mix():
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    ln = S.sample_timesteps(50000, "logit_normal", 0.4, 1.0, generator=gen())
+    torch.testing.assert_close(ln, S.sample_timesteps(50000, "logit_normal", 0.4, 1.0, generator=gen(),
+                                                      uniform_mix=0.0))   # 0: the plain draw, same rng use
+    mixed = S.sample_timesteps(50000, "logit_normal", 0.4, 1.0, generator=gen(), uniform_mix=0.2)
+    # P(t < 0.1): logit-normal(0.4, 1) Phi(-2.60) = 0.0047; the mixture 0.8 * 0.0047 + 0.2 * 0.1 = 0.0237
+    assert (ln < 0.1).float().mean().item() == pytest.approx(0.0047, abs=0.002)
+    assert (mixed < 0.1).float().mean().item() == pytest.approx(0.0237, abs=0.003)
+    assert (mixed >= 0).all() and (mixed < 1).all()
+    full = S.sample_timesteps(50000, "logit_normal", 0.4, 1.0, generator=gen(), uniform_mix=1.0)
+    assert full.mean().item() == pytest.approx(0.5, abs=0.01) and full.std().item() == pytest.approx(0.2887, abs=0.01)
+    with pytest.raises(ConfigError, match="t_uniform_mix"):
+        Config(t_uniform_mix=1.5).validate()
 
 
 # ---------------------------------------------------------------- ODE samplers on an analytic flow
