@@ -83,7 +83,7 @@ class Config:
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
     t_mean: float = 0.4                # logit-normal mean (> 0: more noisy t; shapes: 0 loses backgrounds, 0.8 small shapes)
     t_std: float = 1.0                 # logit-normal std
-    t_uniform_mix: float = 0.0         # fraction of t drawn uniformly instead (trains the rare tails)
+    t_uniform_mix: float = 0.0         # fraction of t drawn uniformly instead (shapes: 0.2 is worse, README e14)
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
     dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
     x_pred_t_min: float = 0.05         # clamp on t when turning an x-prediction into a velocity
