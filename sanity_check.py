@@ -72,7 +72,8 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
     start = fixed_loss()
     losses = []
     for step in range(steps):
-        t = S.sample_timesteps(eps.shape[0], cfg.t_sampling, cfg.t_mean, cfg.t_std, 1.0, generator=gen)
+        t = S.sample_timesteps(eps.shape[0], cfg.t_sampling, cfg.t_mean, cfg.t_std, 1.0, generator=gen,
+                               uniform_mix=cfg.t_uniform_mix)
         x_t = S.add_noise(x0, eps, t)
         v_hat = S.to_velocity(model(x_t, t, text, mask, drop), x_t, t, cfg.prediction, cfg.x_pred_t_min)
         loss = (v_hat - S.velocity_target(x0, eps)).pow(2).mean()
