@@ -8,7 +8,8 @@ Reads cfg.data_dir recursively: images (png, jpg, jpeg, webp) with a caption in 
 target_resolution**2, sides multiples of bucket_align, the NovelAI/SDXL multi-aspect scheme), is
 resized to cover it (Lanczos) and centre-cropped, then encoded. cfg.cache_dir gets one .pt per image
 (latents (C, h, w) float32 after scale/shift, text (L, D) bf16, mask (L,) bool, bucket, caption,
-source) and manifest.json (the settings, per-channel latent mean/std, one entry per image).
+source) and manifest.json (the settings, per-channel latent mean/std, one entry per image). A caption
+that repeats (the shapes set has ~540 distinct ones) goes through the text encoder once per run.
 
 Re-runs are incremental: only new or changed images (size + mtime of image and caption) are encoded,
 entries of deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
@@ -38,6 +39,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTS = (".txt", ".caption")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
 # The settings a cache is built with: using it with other values would be silently wrong data.
 CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
                   "text_encoder", "text_layer", "text_dim", "max_token_length", "target_resolution", "bucket_align",
@@ -291,6 +293,22 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
     buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
     entries, skipped = {}, {}
     pending = defaultdict(list)  # bucket -> [(source, image, caption)], flushed at preprocess_batch_size
+    memo, memo_bytes = {}, 0     # caption -> (text (L, D), mask (L,)) on the CPU: repeated captions encode once
+
+    def encode_captions(captions):
+        nonlocal memo_bytes
+        found = {c: memo[c] for c in captions if c in memo}
+        new = list(dict.fromkeys(c for c in captions if c not in memo))
+        if new:
+            text, mask = text_encoder.encode(new)                            # (N, L, D), (N, L)
+            text, mask = text.to("cpu", torch.bfloat16), mask.cpu()
+            for i, caption in enumerate(new):
+                found[caption] = (text[i].clone(), mask[i].clone())
+                if memo_bytes < CAPTION_MEMO_BYTES:  # unique captions (most real data) stop filling it
+                    memo[caption] = found[caption]
+                    memo_bytes += text[i].numel() * text.element_size()
+        pairs = [found[c] for c in captions]
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
     def flush(bucket):
         items, pending[bucket] = pending[bucket], []
@@ -298,8 +316,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             return
         images = images_to_tensor([img for _, img, _ in items])            # (B, 3, H, W) in [-1, 1]
         latents = latent_space.encode(images, normalize=False).cpu()        # (B, C, H/f, W/f)
-        text, mask = text_encoder.encode([cap for _, _, cap in items])      # (B, L, D), (B, L)
-        text, mask = text.to("cpu", torch.bfloat16), mask.cpu()
+        text, mask = encode_captions([cap for _, _, cap in items])          # (B, L, D) bf16, (B, L)
         for i, (source, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             name = cache_name(source)

@@ -220,6 +220,34 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
     assert len(encoded[-1]) == 6
 
 
+def test_repeated_captions_are_encoded_once_with_the_same_embeddings(tmp_path, t5_dir, monkeypatch):
+    import text_encoder as TE
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    make_image_folder(str(data), [(40, 40)] * 7)
+    captions = ["a red circle", "a blue square", "a red circle", "a red circle", "a green triangle",
+                "a blue square", "a red circle"]
+    for i, text in enumerate(captions):
+        (data / f"img_{i:03d}.txt").write_text(text)
+    seen, real = [], TE.load_text_encoder
+
+    def spy(*a, **k):
+        encoder = real(*a, **k)
+        encode = encoder.encode
+        encoder.encode = lambda caps: (seen.extend(caps), encode(caps))[1]
+        return encoder
+
+    monkeypatch.setattr(TE, "load_text_encoder", spy)
+    entries = P.ensure_cache(cfg)["entries"]
+    assert sorted(seen) == sorted(set(captions))                   # 3 batches of 3 images, each caption once
+    direct = real(cfg)
+    for i, text in enumerate(captions):
+        d = torch.load(os.path.join(cfg.cache_dir, entries[f"img_{i:03d}.png"]["file"]), weights_only=True)
+        emb, mask = direct.encode([text])
+        assert d["caption"] == text and torch.equal(d["mask"], mask[0])
+        torch.testing.assert_close(d["text"], emb[0].to(torch.bfloat16))  # batching may differ by rounding
+
+
 def test_an_interrupted_run_leaves_the_previous_cache_usable(tmp_path, t5_dir, monkeypatch):
     from dataset import CachedDataset
     from latents import LatentSpace
