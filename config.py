@@ -17,7 +17,7 @@ LATENT_SPACES = ("pixel", "flux", "sd")
 TEXT_ENCODER_TYPES = ("auto", "t5gemma2", "t5", "clip", "encoder")
 SAMPLERS = ("euler", "heun", "rk4")
 LOSSES = ("mse", "l1", "huber")
-PREDICTIONS = ("v", "x")
+PREDICTIONS = ("v", "x", "edm")
 T_SAMPLINGS = ("uniform", "logit_normal")
 OPTIMIZERS = ("adamw8bit", "adamw")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -76,7 +76,7 @@ class Config:
     abs_pos: bool = True               # fixed sin-cos of fractional coordinates on image tokens (canvas frame)
     pooled_text: bool = True           # pooled caption vector added to the timestep embedding (SD3)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
-    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025)
+    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025) | edm (x0 = a_t x_t + b_t out, EDM)
     # --- objective (samplers.py) ---
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point
@@ -87,6 +87,7 @@ class Config:
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
     dynamic_shift: bool = False        # FLUX: shift from the image token count (overrides shift)
     x_pred_t_min: float = 0.05         # clamp on t when turning an x-prediction into a velocity
+    sigma_data: float = 0.5            # prediction=edm: data std in the skip weights (smaller: x-prediction to lower t)
     offset_noise: float = 0.0          # per-channel constant noise added to eps (0 = off)
     fourier_amp_loss: float = 0.0      # weight of the Fourier amplitude loss on predicted x0
     fourier_corr_loss: float = 0.0     # weight of the Fourier correlation loss on predicted x0
@@ -177,6 +178,7 @@ class Config:
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(0 <= self.t_uniform_mix <= 1, "t_uniform_mix", "must be in [0, 1]")
         need(0 < self.x_pred_t_min < 1, "x_pred_t_min", "must be in (0, 1)")
+        need(self.sigma_data > 0, "sigma_data", "must be > 0")
         need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
         need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")
         return self

@@ -8,8 +8,9 @@ Time convention, used everywhere in this repo:
     sampling integrates dx/dt = v(x, t) from t = 1 (noise) down to t = 0 (data).
 
 The network may predict the velocity (prediction="v") or the clean sample (prediction="x", Li & He 2025,
-"Back to Basics: Let Denoising Generative Models Denoise"); the loss and the samplers always work in
-velocity space, converting an x-prediction with v = (x_t - x0_hat) / max(t, t_min).
+"Back to Basics: Let Denoising Generative Models Denoise"), or the clean sample through EDM's skip
+connection (prediction="edm", Karras et al. 2022, see edm_coefficients); the loss and the samplers always
+work in velocity space, converting an x-prediction with v = (x_t - x0_hat) / max(t, t_min).
 
 Everything here is a small pure function of tensors; the model knows nothing of the schedule.
 Tensors x are (B, C, H, W) (any trailing shape works); t is a (B,) tensor or a Python float.
@@ -52,22 +53,50 @@ def velocity_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, t, t_min: float) -
     return (x_t - x0_hat) / _per_sample(t, x_t).clamp(min=t_min)
 
 
-def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min: float) -> torch.Tensor:
-    """The network output (a velocity or a clean sample, per prediction "v" | "x") as a velocity."""
+EDM_SIGMA_DATA = 0.5  # default data std of prediction="edm" (EDM's value for images in [-1, 1]; cfg.sigma_data)
+
+
+def edm_coefficients(t, x: torch.Tensor, sigma_data: float = EDM_SIGMA_DATA):
+    """prediction="edm": x0_hat = a x_t + b out (Karras et al. 2022's c_skip / c_out, in rectified-flow time).
+
+    With x_t = (1 - t) x0 + t eps and D = t^2 + (1 - t)^2 s^2 (the variance of x_t for data of std s):
+    a = s^2 (1 - t) / D (the best linear guess of x0 from x_t), b = t s / sqrt(D). At t = 1 this is a scaled
+    x-prediction (a = 0, b = s); near t = 0 the clean sample is mostly x_t itself (a -> 1, b -> 0), so fine
+    detail already in x_t passes straight through instead of being rebuilt from the patch tokens.
+    Returns (a, b, c, d) with x0_hat = a x_t + b out and velocity = c x_t - d out (no 1/t anywhere)."""
+    t = _per_sample(t, x)
+    s2 = sigma_data ** 2
+    D = t * t + (1 - t) ** 2 * s2
+    root = D.sqrt()
+    a, b = s2 * (1 - t) / D, t * sigma_data / root
+    c, d = (t - (1 - t) * s2) / D, sigma_data / root              # (x_t - x0_hat) / t, simplified
+    return a, b, c, d
+
+
+def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min: float,
+                sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
+    """The network output (a velocity, a clean sample or EDM-preconditioned, per prediction "v" | "x" |
+    "edm") as a velocity."""
     if prediction == "v":
         return out
     if prediction == "x":
         return velocity_from_x0(x_t, out, t, t_min)
-    raise ConfigError(f"prediction={prediction!r}: must be v or x")
+    if prediction == "edm":
+        _, _, c, d = edm_coefficients(t, x_t, sigma_data)
+        return c * x_t - d * out
+    raise ConfigError(f"prediction={prediction!r}: must be v, x or edm")
 
 
-def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str) -> torch.Tensor:
+def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
     """The network output as a clean-sample estimate x0_hat (for image-space losses and previews)."""
     if prediction == "v":
         return x0_from_velocity(x_t, out, t)
     if prediction == "x":
         return out
-    raise ConfigError(f"prediction={prediction!r}: must be v or x")
+    if prediction == "edm":
+        a, b, _, _ = edm_coefficients(t, x_t, sigma_data)
+        return a * x_t + b * out
+    raise ConfigError(f"prediction={prediction!r}: must be v, x or edm")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -245,7 +274,7 @@ def trim_padding(text: torch.Tensor, mask: torch.Tensor):
 
 def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_scale: float,
                        prediction: str, t_min: float, neg_text: torch.Tensor = None,
-                       neg_mask: torch.Tensor = None):
+                       neg_mask: torch.Tensor = None, sigma_data: float = EDM_SIGMA_DATA):
     """A velocity_fn(x, t) for sample_ode: v = v_u + s (v_c - v_u).
 
     text (B, L, D), text_mask (B, L) bool. The unconditional branch is the model's learned null caption
@@ -261,7 +290,7 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
         B = x.shape[0]
         if cfg_scale == 1.0:
             out = model(x, t, text, text_mask, drop=None).to(x.dtype)           # (B, C, H, W)
-            return to_velocity(out, x, t, prediction, t_min)
+            return to_velocity(out, x, t, prediction, t_min, sigma_data)
         if neg_text is None:
             un_text, un_mask = text, text_mask       # ignored by the model: drop=True uses the null caption
             drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
@@ -274,7 +303,7 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
         u_text, u_mask = _pad_tokens(un_text, un_mask, length)
         x2, t2 = torch.cat([x, x]), torch.cat([t, t])                           # (2B, C, H, W), (2B,)
         out = model(x2, t2, torch.cat([c_text, u_text]), torch.cat([c_mask, u_mask]), drop=drop)
-        v_cond, v_uncond = to_velocity(out.to(x.dtype), x2, t2, prediction, t_min).chunk(2)
+        v_cond, v_uncond = to_velocity(out.to(x.dtype), x2, t2, prediction, t_min, sigma_data).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)                       # (B, C, H, W)
 
     return velocity_fn

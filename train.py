@@ -67,11 +67,11 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
                                uniform_mix=cfg.t_uniform_mix)
     x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
     out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
-    v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min)
+    v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min, cfg.sigma_data)
     per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
     loss = per_sample.mean()
     if cfg.fourier_amp_loss > 0 or cfg.fourier_corr_loss > 0:
-        amp, corr = fourier_losses(S.to_x0(out.float(), x_t, t, cfg.prediction), x0)
+        amp, corr = fourier_losses(S.to_x0(out.float(), x_t, t, cfg.prediction, cfg.sigma_data), x0)
         loss = loss + cfg.fourier_amp_loss * amp + cfg.fourier_corr_loss * corr
     if ema_model is not None and cfg.self_consistency_loss > 0:
         # Self-evaluation consistency: the EMA model, shown the same sample with less noise (same eps,
@@ -80,8 +80,8 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
             t_less = t * 0.5
             x_less = S.add_noise(x0, eps, t_less)
             target = S.to_x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less,
-                             cfg.prediction)
-        x0_hat = S.to_x0(out.float(), x_t, t, cfg.prediction)
+                             cfg.prediction, cfg.sigma_data)
+        x0_hat = S.to_x0(out.float(), x_t, t, cfg.prediction, cfg.sigma_data)
         loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
     return loss, per_sample.detach(), t
 

@@ -44,6 +44,8 @@ def test_overrides_are_typed():
     (["latent_space=pixel", "latent_channels=4"], "latent_channels"),
     (["ema_decay=1.5"], "ema_decay"),
     (["batch_size=0"], "batch_size"),
+    (["prediction=eps"], "prediction"),
+    (["sigma_data=0"], "sigma_data"),
 ])
 def test_bad_settings_name_the_key(argv, key):
     with pytest.raises(ConfigError) as e:

@@ -41,7 +41,7 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
 
 
 @pytest.mark.parametrize("overrides", [
-    {"prediction": "v"}, {"prediction": "x"}, {"loss": "l1"}, {"loss": "huber"},
+    {"prediction": "v"}, {"prediction": "x"}, {"prediction": "edm"}, {"loss": "l1"}, {"loss": "huber"},
     {"offset_noise": 0.1}, {"fourier_amp_loss": 0.5, "fourier_corr_loss": 0.5},
     {"self_consistency_loss": 1.0}, {"t_sampling": "uniform", "shift": 3.0}, {"dynamic_shift": True},
 ])

@@ -55,6 +55,36 @@ def test_x_and_v_prediction_conversions_agree():
         S.to_velocity(v, x_t, t, "eps", 0.05)
 
 
+@pytest.mark.parametrize("sigma", [0.5, 0.2])
+def test_edm_preconditioning_is_exact_and_passes_x_t_through_at_low_noise(sigma):
+    x0, eps = _rand(5, 3, 2, 2, seed=5), _rand(5, 3, 2, 2, seed=6)
+    t = torch.tensor([0.0, 0.01, 0.3, 0.7, 1.0], dtype=torch.float64)
+    x_t = S.add_noise(x0, eps, t)
+    a, b, c, d = S.edm_coefficients(t, x_t, sigma)
+    out = (x0 - a * x_t) / b.clamp(min=1e-12)                      # the output a perfect network gives
+    # a perfect edm-network gives the true clean sample and velocity, even at t = 0.01 (no t_min clamp)
+    torch.testing.assert_close(S.to_x0(out, x_t, t, "edm", sigma)[1:], x0[1:])
+    v = S.to_velocity(out, x_t, t, "edm", 0.05, sigma)
+    torch.testing.assert_close(v[1:], S.velocity_target(x0, eps)[1:])
+    guided = S.guided_velocity_fn(lambda x, tt, text, mask, drop=None: out, None, None, 1.0, "edm", 0.05,
+                                  sigma_data=sigma)
+    torch.testing.assert_close(guided(x_t, t), v)                  # the samplers use the same sigma
+    # the velocity form is (x_t - x0_hat) / t, simplified
+    x0_hat = S.to_x0(eps, x_t, t, "edm", sigma)
+    torch.testing.assert_close(S.to_velocity(eps, x_t, t, "edm", 0.05, sigma)[1:],
+                               ((x_t - x0_hat) / S._per_sample(t, x_t))[1:])
+    # t = 0: the clean sample is x_t whatever the network says; t = 1: a scaled x-prediction
+    torch.testing.assert_close(x0_hat[0], x_t[0])
+    torch.testing.assert_close(x0_hat[-1], sigma * eps[-1])
+    # the network's target has about unit variance at every t when the data have std sigma_data
+    gen = torch.Generator().manual_seed(0)
+    x0 = sigma * torch.randn(5, 20000, generator=gen, dtype=torch.float64)
+    x_t = S.add_noise(x0, torch.randn(5, 20000, generator=gen, dtype=torch.float64), t)
+    a, b, _, _ = S.edm_coefficients(t, x_t, sigma)
+    target_std = ((x0 - a * x_t) / b.clamp(min=1e-12))[1:].std(dim=1)
+    assert ((target_std > 0.97) & (target_std < 1.03)).all(), target_std
+
+
 # ---------------------------------------------------------------- time shifts
 
 
