@@ -76,7 +76,7 @@ class Config:
     abs_pos: bool = True               # fixed sin-cos of fractional coordinates on image tokens (canvas frame)
     pooled_text: bool = True           # pooled caption vector added to the timestep embedding (SD3)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
-    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025) | edm (x0 = a_t x_t + b_t out, EDM)
+    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025) | edm (x with a skip)
     # --- objective (samplers.py) ---
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point

@@ -303,9 +303,9 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             text, mask = text_encoder.encode(new)                            # (N, L, D), (N, L)
             text, mask = text.to("cpu", torch.bfloat16), mask.cpu()
             for i, caption in enumerate(new):
-                found[caption] = (text[i].clone(), mask[i].clone())
+                found[caption] = (text[i], mask[i])
                 if memo_bytes < CAPTION_MEMO_BYTES:  # unique captions (most real data) stop filling it
-                    memo[caption] = found[caption]
+                    memo[caption] = (text[i].clone(), mask[i].clone())  # clone: not the whole batch's storage
                     memo_bytes += text[i].numel() * text.element_size()
         pairs = [found[c] for c in captions]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
