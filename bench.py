@@ -146,15 +146,13 @@ def bench_sample(cfg, device, opts) -> dict:
     from model import DiTConfig, SingleStreamDiT
     model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).eval()
     b = T.to_device(synthetic_batch(cfg, device, opts["sample_batch"]), device, cfg.trim_text)
-    batched = S.guided_velocity_fn(model, b["text"], b["mask"], cfg.cfg_scale, cfg.prediction, cfg.x_pred_t_min,
-                                   sigma_data=cfg.sigma_data)
-    cond = S.guided_velocity_fn(model, b["text"], b["mask"], 1.0, cfg.prediction, cfg.x_pred_t_min,
-                                sigma_data=cfg.sigma_data)
+    pred = S.Prediction.from_config(cfg)
+    batched = S.guided_velocity_fn(model, b["text"], b["mask"], cfg.cfg_scale, pred)
+    cond = S.guided_velocity_fn(model, b["text"], b["mask"], 1.0, pred)
 
     def unbatched(x, t):  # the naive way: a second forward for the unconditional branch
         drop = torch.ones(x.shape[0], dtype=torch.bool, device=device)
-        v_u = S.to_velocity(model(x, t, b["text"], b["mask"], drop), x, t, cfg.prediction, cfg.x_pred_t_min,
-                            cfg.sigma_data)
+        v_u = pred.velocity(model(x, t, b["text"], b["mask"], drop), x, t)
         v_c = cond(x, t)
         return v_u + cfg.cfg_scale * (v_c - v_u)
 

@@ -109,8 +109,7 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
         noise = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(seed + i))
                              for i in idx]).to(device)                                 # (B, C, h, w)
         sub_text, sub_mask = S.trim_padding(text[idx], mask[idx])
-        velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, cfg.prediction, cfg.x_pred_t_min,
-                                        sigma_data=cfg.sigma_data)
+        velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, S.Prediction.from_config(cfg))
         groups.append((idx, x0, noise, velocity, sampling_shift(cfg, *x0.shape[-2:])))
     results = {}
     for t_start in starts:

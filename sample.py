@@ -76,9 +76,8 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
         if negative_emb is not None:
             neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
         velocity = S.guided_velocity_fn(model, text[idx.start:idx.stop], mask[idx.start:idx.stop], scale,
-                                        cfg.prediction, cfg.x_pred_t_min,
-                                        neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None,
-                                        sigma_data=cfg.sigma_data)
+                                        S.Prediction.from_config(cfg),
+                                        neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
         x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
         images += tensor_to_images(latent_space.decode(x0.float()))
         nfe_total = nfe

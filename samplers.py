@@ -16,6 +16,7 @@ Everything here is a small pure function of tensors; the model knows nothing of 
 Tensors x are (B, C, H, W) (any trailing shape works); t is a (B,) tensor or a Python float.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -97,6 +98,25 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: 
         a, b, _, _ = edm_coefficients(t, x_t, sigma_data)
         return a * x_t + b * out
     raise ConfigError(f"prediction={prediction!r}: must be v, x or edm")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the network outputs (cfg.prediction: v | x | edm) with the settings its conversions need, so
+    callers pass one object instead of three config fields."""
+    kind: str = "v"
+    t_min: float = 0.05                     # x: the 1/t clamp of velocity_from_x0 (cfg.x_pred_t_min)
+    sigma_data: float = EDM_SIGMA_DATA      # edm: the data std in the skip weights (cfg.sigma_data)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Prediction":
+        return cls(cfg.prediction, cfg.x_pred_t_min, cfg.sigma_data)
+
+    def velocity(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        return to_velocity(out, x_t, t, self.kind, self.t_min, self.sigma_data)
+
+    def x0(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+        return to_x0(out, x_t, t, self.kind, self.sigma_data)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -273,8 +293,7 @@ def trim_padding(text: torch.Tensor, mask: torch.Tensor):
 
 
 def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_scale: float,
-                       prediction: str, t_min: float, neg_text: torch.Tensor = None,
-                       neg_mask: torch.Tensor = None, sigma_data: float = EDM_SIGMA_DATA):
+                       prediction: Prediction, neg_text: torch.Tensor = None, neg_mask: torch.Tensor = None):
     """A velocity_fn(x, t) for sample_ode: v = v_u + s (v_c - v_u).
 
     text (B, L, D), text_mask (B, L) bool. The unconditional branch is the model's learned null caption
@@ -290,7 +309,7 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
         B = x.shape[0]
         if cfg_scale == 1.0:
             out = model(x, t, text, text_mask, drop=None).to(x.dtype)           # (B, C, H, W)
-            return to_velocity(out, x, t, prediction, t_min, sigma_data)
+            return prediction.velocity(out, x, t)
         if neg_text is None:
             un_text, un_mask = text, text_mask       # ignored by the model: drop=True uses the null caption
             drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x.device)
@@ -303,7 +322,7 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
         u_text, u_mask = _pad_tokens(un_text, un_mask, length)
         x2, t2 = torch.cat([x, x]), torch.cat([t, t])                           # (2B, C, H, W), (2B,)
         out = model(x2, t2, torch.cat([c_text, u_text]), torch.cat([c_mask, u_mask]), drop=drop)
-        v_cond, v_uncond = to_velocity(out.to(x.dtype), x2, t2, prediction, t_min, sigma_data).chunk(2)
+        v_cond, v_uncond = prediction.velocity(out.to(x.dtype), x2, t2).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)                       # (B, C, H, W)
 
     return velocity_fn

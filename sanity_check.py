@@ -57,6 +57,7 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
     gen = torch.Generator().manual_seed(cfg.seed)
     eps = torch.randn(batch["latents"].shape, generator=gen)
     x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
+    pred = S.Prediction.from_config(cfg)
 
     def fixed_loss():
         """Velocity loss at 10 fixed t per sample: a noise-free measure of the fit."""
@@ -65,8 +66,7 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
             for t_value in torch.linspace(0.05, 0.95, 10):
                 t = torch.full((eps.shape[0],), float(t_value))
                 x_t = S.add_noise(x0, eps, t)
-                v_hat = S.to_velocity(model(x_t, t, text, mask, drop), x_t, t, cfg.prediction, cfg.x_pred_t_min,
-                                      cfg.sigma_data)
+                v_hat = pred.velocity(model(x_t, t, text, mask, drop), x_t, t)
                 total += (v_hat - S.velocity_target(x0, eps)).pow(2).mean().item() / 10
         return total
 
@@ -76,8 +76,7 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
         t = S.sample_timesteps(eps.shape[0], cfg.t_sampling, cfg.t_mean, cfg.t_std, 1.0, generator=gen,
                                uniform_mix=cfg.t_uniform_mix)
         x_t = S.add_noise(x0, eps, t)
-        v_hat = S.to_velocity(model(x_t, t, text, mask, drop), x_t, t, cfg.prediction, cfg.x_pred_t_min,
-                              cfg.sigma_data)
+        v_hat = pred.velocity(model(x_t, t, text, mask, drop), x_t, t)
         loss = (v_hat - S.velocity_target(x0, eps)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -91,7 +90,7 @@ def sanity_check(cfg, steps=150, min_factor=10.0, lr=3e-3, verbose=True):
 
     # sample from the same noise with the overfit model: it should land on the target
     model.eval()
-    velocity = S.guided_velocity_fn(model, text, mask, 1.0, cfg.prediction, cfg.x_pred_t_min, sigma_data=cfg.sigma_data)
+    velocity = S.guided_velocity_fn(model, text, mask, 1.0, pred)
     with torch.no_grad():
         sample, _ = S.sample_ode(velocity, eps, 20, "euler")
     recon_error = (sample - x0).pow(2).mean().item()

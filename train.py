@@ -67,11 +67,12 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
                                uniform_mix=cfg.t_uniform_mix)
     x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
     out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
-    v_hat = S.to_velocity(out.float(), x_t, t, cfg.prediction, cfg.x_pred_t_min, cfg.sigma_data)
+    pred = S.Prediction.from_config(cfg)
+    v_hat = pred.velocity(out.float(), x_t, t)
     per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
     loss = per_sample.mean()
     if cfg.fourier_amp_loss > 0 or cfg.fourier_corr_loss > 0:
-        amp, corr = fourier_losses(S.to_x0(out.float(), x_t, t, cfg.prediction, cfg.sigma_data), x0)
+        amp, corr = fourier_losses(pred.x0(out.float(), x_t, t), x0)
         loss = loss + cfg.fourier_amp_loss * amp + cfg.fourier_corr_loss * corr
     if ema_model is not None and cfg.self_consistency_loss > 0:
         # Self-evaluation consistency: the EMA model, shown the same sample with less noise (same eps,
@@ -79,9 +80,8 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
         with torch.no_grad():
             t_less = t * 0.5
             x_less = S.add_noise(x0, eps, t_less)
-            target = S.to_x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less,
-                             cfg.prediction, cfg.sigma_data)
-        x0_hat = S.to_x0(out.float(), x_t, t, cfg.prediction, cfg.sigma_data)
+            target = pred.x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less)
+        x0_hat = pred.x0(out.float(), x_t, t)
         loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
     return loss, per_sample.detach(), t
 

@@ -55,6 +55,19 @@ def test_x_and_v_prediction_conversions_agree():
         S.to_velocity(v, x_t, t, "eps", 0.05)
 
 
+def test_prediction_from_config_carries_all_three_settings():
+    cfg = Config(prediction="edm", x_pred_t_min=0.1, sigma_data=0.3)
+    pred = S.Prediction.from_config(cfg)
+    assert pred == S.Prediction("edm", 0.1, 0.3)
+    x_t, out = _rand(2, 3, 2, 2, seed=1), _rand(2, 3, 2, 2, seed=2)
+    t = torch.tensor([0.02, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(pred.velocity(out, x_t, t), S.to_velocity(out, x_t, t, "edm", 0.1, 0.3))
+    torch.testing.assert_close(pred.x0(out, x_t, t), S.to_x0(out, x_t, t, "edm", 0.3))
+    x_pred = S.Prediction.from_config(Config(prediction="x", x_pred_t_min=0.1))
+    # below t_min the x-prediction's 1/t is clamped at the configured value
+    torch.testing.assert_close(x_pred.velocity(out, x_t, t)[0], (x_t[0] - out[0]) / 0.1)
+
+
 @pytest.mark.parametrize("sigma", [0.5, 0.2])
 def test_edm_preconditioning_is_exact_and_passes_x_t_through_at_low_noise(sigma):
     x0, eps = _rand(5, 3, 2, 2, seed=5), _rand(5, 3, 2, 2, seed=6)
@@ -66,8 +79,8 @@ def test_edm_preconditioning_is_exact_and_passes_x_t_through_at_low_noise(sigma)
     torch.testing.assert_close(S.to_x0(out, x_t, t, "edm", sigma)[1:], x0[1:])
     v = S.to_velocity(out, x_t, t, "edm", 0.05, sigma)
     torch.testing.assert_close(v[1:], S.velocity_target(x0, eps)[1:])
-    guided = S.guided_velocity_fn(lambda x, tt, text, mask, drop=None: out, None, None, 1.0, "edm", 0.05,
-                                  sigma_data=sigma)
+    guided = S.guided_velocity_fn(lambda x, tt, text, mask, drop=None: out, None, None, 1.0,
+                                  S.Prediction("edm", 0.05, sigma))
     torch.testing.assert_close(guided(x_t, t), v)                  # the samplers use the same sigma
     # the velocity form is (x_t - x0_hat) / t, simplified
     x0_hat = S.to_x0(eps, x_t, t, "edm", sigma)
@@ -275,7 +288,7 @@ def _cfg_inputs(B=2, L=5):
 def test_cfg_scale_one_is_the_conditional_in_one_forward(prediction):
     x, t, text, mask = _cfg_inputs()
     model = FakeModel()
-    v = S.guided_velocity_fn(model, text, mask, 1.0, prediction, 0.05)(x, t)
+    v = S.guided_velocity_fn(model, text, mask, 1.0, S.Prediction(prediction, 0.05))(x, t)
     assert model.calls == [(2, None)]
     cond = S.to_velocity(FakeModel()(x, t, text, mask), x, t, prediction, 0.05)
     assert torch.equal(v, cond)
@@ -285,7 +298,7 @@ def test_cfg_scale_one_is_the_conditional_in_one_forward(prediction):
 def test_cfg_mixes_in_velocity_space_in_one_batched_forward(prediction):
     x, t, text, mask = _cfg_inputs()
     model = FakeModel()
-    v = S.guided_velocity_fn(model, text, mask, 4.0, prediction, 0.05)(x, t)
+    v = S.guided_velocity_fn(model, text, mask, 4.0, S.Prediction(prediction, 0.05))(x, t)
     assert model.calls == [(4, [False, False, True, True])]
     ref = FakeModel()
     v_c = S.to_velocity(ref(x, t, text, mask), x, t, prediction, 0.05)
@@ -293,7 +306,8 @@ def test_cfg_mixes_in_velocity_space_in_one_batched_forward(prediction):
     torch.testing.assert_close(v, v_u + 4.0 * (v_c - v_u))
     assert not torch.allclose(v, v_c)
     # scale 0 is the unconditional prediction
-    torch.testing.assert_close(S.guided_velocity_fn(FakeModel(), text, mask, 0.0, prediction, 0.05)(x, t), v_u)
+    torch.testing.assert_close(S.guided_velocity_fn(FakeModel(), text, mask, 0.0, S.Prediction(prediction, 0.05))(x, t),
+                               v_u)
 
 
 def test_cfg_negative_prompt_replaces_null_caption():
@@ -301,13 +315,13 @@ def test_cfg_negative_prompt_replaces_null_caption():
     neg = _rand(1, 7, 8, seed=10, dtype=torch.float32)            # one negative prompt, longer than text
     neg_mask = torch.ones(1, 7, dtype=torch.bool)
     model = FakeModel()
-    v = S.guided_velocity_fn(model, text, mask, 3.0, "v", 0.05, neg_text=neg, neg_mask=neg_mask)(x, t)
+    v = S.guided_velocity_fn(model, text, mask, 3.0, S.Prediction("v"), neg_text=neg, neg_mask=neg_mask)(x, t)
     assert model.calls == [(4, [False] * 4)]                      # no null caption used
     ref = FakeModel()
     v_c = ref(x, t, text, mask)
     v_n = ref(x, t, neg.expand(2, -1, -1), neg_mask.expand(2, -1))
     torch.testing.assert_close(v, v_n + 3.0 * (v_c - v_n))
-    v_null = S.guided_velocity_fn(FakeModel(), text, mask, 3.0, "v", 0.05)(x, t)
+    v_null = S.guided_velocity_fn(FakeModel(), text, mask, 3.0, S.Prediction("v"))(x, t)
     assert not torch.allclose(v, v_null)
 
 
@@ -315,7 +329,7 @@ def test_cfg_nfe_counts_batched_forward_once():
     x, t, text, mask = _cfg_inputs()
     for method, steps, scale in [("euler", 3, 4.0), ("heun", 3, 4.0), ("rk4", 2, 1.0)]:
         model = FakeModel()
-        fn = S.guided_velocity_fn(model, text, mask, scale, "x", 0.05)
+        fn = S.guided_velocity_fn(model, text, mask, scale, S.Prediction("x", 0.05))
         x0, nfe = S.sample_ode(fn, x, steps, method)
         assert nfe == len(model.calls) == S.nfe_for(method, steps)
         assert all(b == (4 if scale != 1 else 2) for b, _ in model.calls)
