@@ -35,13 +35,17 @@ from checkpoint import checkpoint_dir, load_resume_checkpoint, rng_state, save_c
 
 
 def fourier_losses(x0_hat, x0):
-    """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation)."""
+    """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation).
+
+    |z| has no gradient at z = 0, which is exactly where a zero-initialised x-prediction starts, so the
+    magnitudes are taken as sqrt(|z|^2 + tiny) and the norms are clamped before their square root."""
     fa = torch.fft.rfft2(x0_hat.float(), norm="ortho")
     fb = torch.fft.rfft2(x0.float(), norm="ortho")
-    amp = F.mse_loss(fa.abs(), fb.abs())
+    power_a, power_b = fa.real ** 2 + fa.imag ** 2, fb.real ** 2 + fb.imag ** 2
+    amp = F.mse_loss((power_a + 1e-12).sqrt(), power_b.sqrt())
     cross = (fa * fb.conj()).real.sum(dim=(-2, -1))
-    norm = fa.abs().pow(2).sum(dim=(-2, -1)).sqrt() * fb.abs().pow(2).sum(dim=(-2, -1)).sqrt()
-    corr = (1 - cross / norm.clamp_min(1e-8)).mean()
+    norm = (power_a.sum(dim=(-2, -1)) * power_b.sum(dim=(-2, -1))).clamp_min(1e-16).sqrt()
+    corr = (1 - cross / norm).mean()
     return amp, corr
 
 

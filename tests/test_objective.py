@@ -61,6 +61,26 @@ def test_every_objective_option_gives_a_finite_loss_and_gradients(overrides):
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.parametrize("prediction", ["x", "v"])
+def test_fourier_losses_have_finite_gradients_from_the_zero_initialised_output(prediction):
+    """AdaLN-zero makes a fresh model output exactly 0: an x-prediction's clean estimate is then all zeros,
+    where |FFT| has no gradient (this once stopped every run with fourier_amp_loss after 5 NaN steps)."""
+    cfg = get_config("tiny", prediction=prediction, fourier_amp_loss=1.0, fourier_corr_loss=1.0)
+    torch.manual_seed(0)
+    model = SingleStreamDiT(DiTConfig.from_config(cfg))
+    loss, _, _ = T.flow_matching_loss(model, batch_for(cfg), cfg, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
+    # the eps does not change the values: amplitude loss of identical spectra is 0, correlation of x with 2x is 0
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    amp, corr = T.fourier_losses(x, x)
+    assert amp.item() < 1e-10 and abs(corr.item()) < 1e-6
+    assert abs(T.fourier_losses(2 * x, x)[1].item()) < 1e-6
+    torch.testing.assert_close(T.fourier_losses(x, torch.zeros_like(x))[0], torch.fft.rfft2(x, norm="ortho").abs().pow(2).mean())
+
+
 def test_x_prediction_loss_is_on_the_implied_velocity():
     """A perfect clean-sample prediction gives zero loss; v-loss of an x-pred error scales with 1/t."""
     cfg = get_config("tiny", prediction="x")
