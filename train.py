@@ -188,6 +188,22 @@ def setup_distributed():
     return rank, world, device
 
 
+class StaticImageSize(torch.nn.Module):
+    """A compiled model whose input height and width are marked static, so each bucket compiles its own
+    graph (batch size and text length may still turn dynamic). With symbolic H and W, inductor (torch
+    2.11-2.13) fails to lower the unpatchify ("cannot determine truth value of Relational") as soon as a
+    second bucket shape arrives."""
+
+    def __init__(self, compiled):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, x, *args, **kwargs):
+        torch._dynamo.mark_static(x, 2)
+        torch._dynamo.mark_static(x, 3)
+        return self.compiled(x, *args, **kwargs)
+
+
 def compile_for_training(model, cfg: Config, device):
     """The callable to train with: the model, torch.compile'd per cfg.compile / cfg.compile_mode.
 
@@ -197,8 +213,11 @@ def compile_for_training(model, cfg: Config, device):
     """
     if not (cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")):
         return model
+    # One graph per bucket: a few compiles, then every bucket runs its own static-shape graph.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if not cfg.grad_checkpointing:
-        return torch.compile(model, mode=cfg.compile_mode)
+        return StaticImageSize(torch.compile(model, mode=cfg.compile_mode))
     for blocks in (model.noise_refiner, model.context_refiner, model.joint_blocks, model.final_stack):
         for block in blocks:
             block.compile(mode=cfg.compile_mode)
