@@ -19,7 +19,8 @@ import torch
 from tqdm import tqdm
 
 from config import ConfigError, main_guard, parse_args
-from preprocess import CacheError, check_manifest, load_image, load_manifest, resize_and_crop, Skip
+from images import Skip, load_image, resize_and_crop
+from preprocess import CacheError, check_manifest, load_manifest
 
 
 def summarise_cache(cfg, manifest) -> dict:

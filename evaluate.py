@@ -29,7 +29,7 @@ ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
 def eval_sizes(cfg):
     """(W, H) in pixels for the square, wide and tall buckets of this run."""
     import shapes
-    from preprocess import bucket_for, make_buckets
+    from images import bucket_for, make_buckets
     buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
     return {aspect: tuple(bucket_for(*shapes.canvas_size(aspect, 96), buckets))
             for aspect in ("square", "wide", "tall")}
@@ -91,7 +91,7 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
     import shapes
     import samplers as S
     from latents import LatentSpace, images_to_tensor, tensor_to_images
-    from preprocess import resize_and_crop
+    from images import resize_and_crop
     from sample import encode_prompts, sampling_shift
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     space = LatentSpace.from_config(cfg, device=device)
@@ -164,7 +164,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
                  max_images=500):
     """FID of generated images (held-out captions) against the held-out source images."""
     from dataset import CachedDataset
-    from preprocess import load_image, resize_and_crop
+    from images import load_image, resize_and_crop
     from latents import LatentSpace
     from sample import encode_prompts, generate
     if not inception_path or not os.path.isfile(inception_path):

@@ -19,7 +19,6 @@ manifest is written last and atomically, so a killed run leaves the previous cac
 """
 import hashlib
 import json
-import math
 import os
 import re
 import sys
@@ -30,13 +29,12 @@ from itertools import islice
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from config import Config, ConfigError, main_guard, parse_args, resolve_device
+from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images, load_image, make_buckets,
+                    read_caption, resize_and_crop, upscale_needed)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-CAPTION_EXTS = (".txt", ".caption")
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
@@ -48,131 +46,6 @@ CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "va
 
 class CacheError(ConfigError):
     """The cache is missing, damaged, or was built with other settings; the message names which."""
-
-
-class Skip(Exception):
-    """A bad input file: reason is the summary's category, the message says what is wrong."""
-
-    def __init__(self, reason, message):
-        super().__init__(message)
-        self.reason = reason
-
-
-# --- buckets -------------------------------------------------------------------------------------------
-
-def make_buckets(target: int, align: int, max_ratio: float) -> list:
-    """(W, H) buckets of about target**2 pixels, sides multiples of align, aspect within 1/max_ratio..max_ratio.
-
-    For every width, the height whose area is nearest target**2; both orientations; sorted by W/H.
-    """
-    area = target * target
-    buckets = set()
-    w = align
-    while w * w <= area * max_ratio + align * align:
-        h_low = max(align, (area // w) // align * align)
-        h = min((h_low, h_low + align), key=lambda h: abs(w * h - area))  # nearest area
-        if max(w / h, h / w) <= max_ratio + 1e-9:
-            buckets.update({(w, h), (h, w)})
-        w += align
-    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
-
-
-def bucket_for(width: int, height: int, buckets) -> tuple:
-    """The bucket nearest an image's aspect ratio (in log space, so 2:1 and 1:2 are equally far from 1:1)."""
-    log_ratio = math.log(width / height)
-    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
-
-
-def upscale_needed(width: int, height: int, bucket) -> float:
-    """How much an image must be enlarged to cover the bucket (<= 1: it is only shrunk)."""
-    return max(bucket[0] / width, bucket[1] / height)
-
-
-def resize_and_crop(img: Image.Image, size) -> Image.Image:
-    """Resize (Lanczos) so the image covers size=(W, H), then centre-crop to exactly (W, H)."""
-    W, H = size
-    s = upscale_needed(img.width, img.height, size)
-    new = (max(W, round(img.width * s)), max(H, round(img.height * s)))
-    if new != img.size:
-        img = img.resize(new, Image.LANCZOS)
-    left, top = (new[0] - W) // 2, (new[1] - H) // 2
-    return img.crop((left, top, left + W, top + H))
-
-
-# --- reading images and captions -----------------------------------------------------------------------
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: transparency composited on white, 16-bit scaled to 8-bit, CMYK/gray/palette
-    converted (Pillow's own conversions; CMYK without a colour profile)."""
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        a = np.asarray(img.convert("F") if img.mode == "F" else img.convert("I"), dtype=np.float64)
-        if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit data: 65535 -> 255
-            a = a / 257.0
-        elif img.mode == "F" and a.max() <= 1.0:          # float images in [0, 1]
-            a = a * 255.0
-        img = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
-    if img.mode in ("P", "L", "RGB") and "transparency" in img.info:  # palette/tRNS transparency
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        background.alpha_composite(img.convert("RGBA"))
-        img = background
-    return img.convert("RGB")
-
-
-def load_image(path: str) -> Image.Image:
-    """An RGB image with its EXIF orientation applied; Skip for files that cannot be decoded."""
-    if os.path.getsize(path) == 0:
-        raise Skip("unreadable", "empty file (0 bytes)")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so a truncated file fails here
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
-    except Exception as e:  # UnidentifiedImageError, truncated data, decompression bombs, bad EXIF
-        raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
-
-
-def caption_path_for(image_path: str):
-    stem = os.path.splitext(image_path)[0]
-    for ext in CAPTION_EXTS:
-        if os.path.isfile(stem + ext):
-            return stem + ext
-    return None
-
-
-def read_caption(image_path: str) -> str:
-    """The caption beside an image, whitespace collapsed; Skip if missing, empty or not UTF-8."""
-    path = caption_path_for(image_path)
-    if path is None:
-        raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise Skip("unreadable caption", f"cannot read caption {os.path.basename(path)} ({e.strerror})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise Skip("caption not UTF-8",
-                   f"caption {os.path.basename(path)} is not UTF-8 (bad byte at {e.start})") from None
-    text = " ".join(text.split())
-    if not text:
-        raise Skip("empty caption", f"caption {os.path.basename(path)} is empty")
-    return text
-
-
-def find_images(data_dir: str, skip_dir: str = None) -> list:
-    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out)."""
-    found = []
-    skip = os.path.abspath(skip_dir) if skip_dir else None
-    for root, dirs, files in os.walk(data_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs
-                         if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
-        for name in files:
-            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))
-    return sorted(found)
 
 
 def fingerprint(image_path: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import images
 import preprocess as P
 from config import get_config
 from tiny_models import make_image, make_image_folder, save_tiny_t5, save_tiny_t5gemma2, save_tiny_vae
@@ -35,7 +36,7 @@ def pixel_cfg(tmp_path, t5_dir, **kw):
 @pytest.mark.parametrize("target,align,ratio", [(32, 8, 2.0), (448, 32, 2.0), (512, 64, 2.0), (1024, 64, 4.0),
                                                 (256, 16, 1.5)])
 def test_buckets_keep_area_alignment_and_aspect_limits(target, align, ratio):
-    buckets = P.make_buckets(target, align, ratio)
+    buckets = images.make_buckets(target, align, ratio)
     assert len(buckets) == len(set(buckets)) >= 1
     side = round(target / align) * align
     assert (side, side) in buckets
@@ -51,25 +52,25 @@ def test_buckets_keep_area_alignment_and_aspect_limits(target, align, ratio):
 
 
 def test_bucket_for_picks_the_nearest_log_aspect_ratio():
-    buckets = P.make_buckets(448, 32, 2.0)
-    assert P.bucket_for(1000, 1000, buckets) == (448, 448)
-    assert P.bucket_for(4000, 1000, buckets) == (640, 320)  # beyond the limit: the widest bucket
-    assert P.bucket_for(1000, 4000, buckets) == (320, 640)
+    buckets = images.make_buckets(448, 32, 2.0)
+    assert images.bucket_for(1000, 1000, buckets) == (448, 448)
+    assert images.bucket_for(4000, 1000, buckets) == (640, 320)  # beyond the limit: the widest bucket
+    assert images.bucket_for(1000, 4000, buckets) == (320, 640)
     for w, h in [(1200, 800), (600, 1000), (513, 512), (1920, 1080)]:
-        best = P.bucket_for(w, h, buckets)
+        best = images.bucket_for(w, h, buckets)
         err = abs(math.log(best[0] / best[1]) - math.log(w / h))
         assert all(err <= abs(math.log(b[0] / b[1]) - math.log(w / h)) + 1e-12 for b in buckets)
-    assert P.bucket_for(40, 24, P.make_buckets(32, 8, 2.0)) == (40, 24)
+    assert images.bucket_for(40, 24, images.make_buckets(32, 8, 2.0)) == (40, 24)
 
 
 def test_resize_and_crop_covers_and_centres():
     img = Image.new("RGB", (300, 100), (255, 0, 0))
     img.paste((0, 0, 255), (100, 0, 200, 100))  # blue middle third
-    out = P.resize_and_crop(img, (64, 64))
+    out = images.resize_and_crop(img, (64, 64))
     assert out.size == (64, 64)
     assert np.asarray(out)[32, 32].tolist() == [0, 0, 255]  # the centre is kept
     for size, target in [((50, 80), (24, 40)), ((33, 17), (40, 24)), ((640, 480), (32, 32)), ((8, 8), (16, 16))]:
-        assert P.resize_and_crop(Image.new("RGB", size), target).size == target
+        assert images.resize_and_crop(Image.new("RGB", size), target).size == target
 
 
 # --- reading images --------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def test_resize_and_crop_covers_and_centres():
 def save_and_load(img, tmp_path, name="x.png", **save_kw):
     path = str(tmp_path / name)
     img.save(path, **save_kw)
-    out = P.load_image(path)
+    out = images.load_image(path)
     assert out.mode == "RGB"
     return np.asarray(out)
 
