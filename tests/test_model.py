@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import get_config, main_guard
-from model import (DiTConfig, GlobalFourierFilter, SingleStreamDiT, apply_rope, flops_breakdown,
-                   flops_per_image, joint_positions, rope_angles)
+from layers import GlobalFourierFilter, apply_rope, joint_positions, rope_angles
+from model import DiTConfig, SingleStreamDiT, flops_breakdown, flops_per_image
 from model import main as model_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
