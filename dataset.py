@@ -184,10 +184,10 @@ class BucketBatchSampler(Sampler):
         return self.batches_per_epoch - self.start_batch
 
 
-def make_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1):
+def make_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1, drop_last: bool = False):
     """(DataLoader, BucketBatchSampler, CachedDataset) for a split of the cache."""
     dataset = CachedDataset(cfg, split)
-    sampler = BucketBatchSampler(dataset.bucket_keys, cfg.batch_size, seed=cfg.seed, drop_last=False,
+    sampler = BucketBatchSampler(dataset.bucket_keys, cfg.batch_size, seed=cfg.seed, drop_last=drop_last,
                                  rank=rank, world_size=world_size)
     # persistent_workers=False: workers are re-created for every iter(loader), so they pick up set_epoch
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,

@@ -191,3 +191,16 @@ def test_loader_yields_collated_single_bucket_batches(cache):
     data.set_epoch(1), data2.set_epoch(1), sampler.set_epoch(1), sampler2.set_epoch(1)
     for a, b in zip(loader, loader2):
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["drop"], b["drop"])
+
+
+def test_loader_with_drop_last_gives_full_batches_only(cache):
+    """What compiled training uses (one graph per bucket): every batch full, each bucket's remainder dropped."""
+    cfg = data_cfg(cache, batch_size=3)
+    kept, sampler, data = make_loader(cfg, "train")
+    full, full_sampler, _ = make_loader(cfg, "train", drop_last=True)
+    per_bucket = [data.bucket_keys.count(k) for k in set(data.bucket_keys)]
+    assert any(n % 3 for n in per_bucket)  # the data has short batches to drop
+    sizes = [len(b["captions"]) for b in kept]
+    full_sizes = [len(b["captions"]) for b in full]
+    assert min(sizes) < 3 and sum(sizes) == len(data)
+    assert set(full_sizes) == {3} and len(full_sizes) == len(full_sampler) == sum(n // 3 for n in per_bucket)

@@ -242,6 +242,24 @@ def test_compile_for_training_regional_with_checkpointing_matches_eager():
     assert list(model.state_dict()) == list(eager.state_dict())  # export keys unchanged
 
 
+def test_compile_auto_means_gpu_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not T.use_compile(get_config("tiny", compile="auto"), cpu)
+    assert T.use_compile(get_config("tiny", compile="auto"), cuda)
+    assert T.use_compile(get_config("tiny", compile="on"), cpu)
+    assert not T.use_compile(get_config("tiny", compile="off"), cuda)
+
+
+def test_compiled_run_keeps_short_batches_when_no_bucket_fills_one(tiny_data, tmp_path, monkeypatch):
+    """Compiled runs drop each bucket's short last batch; with every bucket under one batch that would
+    leave nothing to train on, so the short batches stay (compilation itself stubbed out: slow on CPU)."""
+    monkeypatch.setattr(T, "use_compile", lambda cfg, device: True)
+    monkeypatch.setattr(T, "compile_for_training", lambda model, cfg, device: model)
+    cfg = get_config("tiny", out_dir=str(tmp_path), run_name="big_batch", batch_size=64, max_steps=2, **tiny_data)
+    T.train(cfg)
+    assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
+
+
 def test_compiled_model_trains_on_a_second_bucket_shape():
     """Whole-model torch.compile on two buckets: the second shape gets its own graph (with symbolic H and W
     inductor failed to lower it: "cannot determine truth value of Relational") and both match eager."""
