@@ -70,8 +70,8 @@ class Config:
     refiner_depth: int = 1             # blocks in each of the noise and context refiners
     patch_size: int = 4                # latent pixels per patch side
     mlp_ratio: float = 2.75            # SwiGLU hidden = mlp_ratio * hidden_size
-    fourier_refiner: bool = True       # global Fourier filter in the noise refiner blocks
-    fourier_final_depth: int = 1       # global Fourier filter blocks after the joint stack (0 = none)
+    fourier_refiner: bool = False      # global Fourier filter in the noise refiner blocks (shapes: off, README e36)
+    fourier_final_depth: int = 0       # global Fourier filter blocks after the joint stack (0 = none)
     local_bias: bool = True            # depthwise-conv local spatial bias on image tokens
     abs_pos: bool = True               # fixed sin-cos of fractional coordinates on image tokens (canvas frame)
     pooled_text: bool = True           # pooled caption vector added to the timestep embedding (SD3)
@@ -101,7 +101,7 @@ class Config:
     beta2: float = 0.99
     warmup_steps: int = 100            # linear warmup, then cosine decay to min_lr_ratio
     min_lr_ratio: float = 0.1          # final lr = min_lr_ratio * learning_rate
-    max_steps: int = 5000              # optimiser steps (shapes: ~13 min on 2 CPU cores)
+    max_steps: int = 8000              # optimiser steps (shapes: ~13 min on 2 CPU cores)
     max_minutes: float = 13.5          # also stop (cleanly, saved) after this many minutes; 0 = no limit
     batch_size: int = 16               # per device, per micro-step
     grad_accum: int = 1                # micro-steps per optimiser step
@@ -197,7 +197,7 @@ PRESETS = {
         text_encoder="google/t5gemma-2-1b-1b", text_encoder_type="t5gemma2", text_layer=-1,
         text_dim=1152, max_token_length=128,
         hidden_size=768, num_heads=12, depth=16, refiner_depth=2, patch_size=2,
-        fourier_final_depth=2, prediction="v", dynamic_shift=True, t_mean=0.0,
+        fourier_refiner=True, fourier_final_depth=2, prediction="v", dynamic_shift=True, t_mean=0.0,
         optimizer="adamw8bit", learning_rate=2e-4, weight_decay=0.01, batch_size=16,
         ema_decay=0.999, warmup_steps=1000, max_steps=100_000, max_minutes=0.0,
         log_every=50, val_every=2000, checkpoint_every=2000, sampler="euler", cfg_scale=4.0, sample_steps=30,
@@ -206,6 +206,7 @@ PRESETS = {
     "tiny": dict(
         data_dir="data/shapes_tiny", cache_dir="data/cache/tiny", num_shapes=48, target_resolution=16, bucket_align=8,
         hidden_size=32, num_heads=2, depth=1, refiner_depth=1, patch_size=2, mlp_ratio=2.0,
+        fourier_refiner=True, fourier_final_depth=1,  # the tests exercise the Fourier filters
         max_token_length=16, batch_size=4, warmup_steps=2, max_steps=4, max_minutes=0.0,
         log_every=1, val_every=0, checkpoint_every=2, sampler="euler", sample_steps=4, val_fraction=0.1,
     ),
