@@ -6,6 +6,7 @@ resized to cover it (Lanczos) and centre-cropped. Images of any PIL mode become 
 orientation applied; a caption is the .txt or .caption file of the same stem. A bad file raises Skip,
 which preprocess.py and check_cache.py report in one line and go on.
 """
+import codecs
 import math
 import os
 
@@ -108,7 +109,10 @@ def caption_path_for(image_path: str):
 
 
 def read_caption(image_path: str) -> str:
-    """The caption beside an image, whitespace collapsed; Skip if missing, empty or not UTF-8."""
+    """The caption beside an image, whitespace collapsed; Skip if missing, empty or not UTF-8.
+
+    UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too; a UTF-8 BOM is dropped.
+    """
     path = caption_path_for(image_path)
     if path is None:
         raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it")
@@ -117,11 +121,12 @@ def read_caption(image_path: str) -> str:
             raw = f.read()
     except OSError as e:
         raise Skip("unreadable caption", f"cannot read caption {os.path.basename(path)} ({e.strerror})") from None
+    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
     try:
-        text = raw.decode("utf-8-sig")
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as e:
-        raise Skip("caption not UTF-8",
-                   f"caption {os.path.basename(path)} is not UTF-8 (bad byte at {e.start})") from None
+        raise Skip("caption not UTF-8", f"caption {os.path.basename(path)} is not "
+                   f"{'UTF-16' if utf16 else 'UTF-8'} (bad byte at {e.start})") from None
     text = " ".join(text.split())
     if not text:
         raise Skip("empty caption", f"caption {os.path.basename(path)} is empty")

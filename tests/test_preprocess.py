@@ -121,6 +121,20 @@ def test_gray_palette_cmyk_16bit_and_1bit_become_rgb(tmp_path):
     assert save_and_load(Image.new("1", (4, 4), 1), tmp_path, "1.png")[0, 0].tolist() == [255] * 3
 
 
+def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
+    img = str(tmp_path / "a.png")
+    cases = [("a caf\xe9 square".encode("utf-8"), "a caf\xe9 square"),
+             (b"\xef\xbb\xbfa red   circle\r\n", "a red circle"),          # UTF-8 BOM, CRLF
+             ("\ufeffa blue \u00fcber".encode("utf-16-le"), "a blue \u00fcber"),  # Notepad "Unicode"
+             ("a green line".encode("utf-16"), "a green line")]             # BOM in native order
+    for raw, want in cases:
+        (tmp_path / "a.txt").write_bytes(raw)
+        assert images.read_caption(img) == want
+    (tmp_path / "a.txt").write_bytes(b"\xff\xfea\x00\x00\xd8")  # UTF-16 BOM, then a lone surrogate
+    with pytest.raises(images.Skip, match="not UTF-16"):
+        images.read_caption(img)
+
+
 # --- bad inputs, incremental runs, manifest --------------------------------------------------------------
 
 def write_bad_inputs(data):
