@@ -1,5 +1,6 @@
 """train.py end to end on the tiny preset: files, exact resume, kill -9, non-finite guard, SIGINT, DDP."""
 import csv
+import io
 import os
 import signal
 import subprocess
@@ -181,6 +182,44 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
     assert result["status"].startswith("stopped after max_minutes") and result["step"] == 1
     assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt"]
     assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
+
+
+def test_fused_adamw_matches_the_per_tensor_one_and_loads_its_state():
+    """make_optimizer's torch AdamW runs fused (one kernel for all weights); it must update like the
+    plain (foreach) AdamW and take over that one's state from an older checkpoint."""
+    from model import DiTConfig, SingleStreamDiT
+    cfg = get_config("tiny", optimizer="adamw", weight_decay=0.01)
+    torch.manual_seed(0)
+    a = SingleStreamDiT(DiTConfig.from_config(cfg))
+    b = SingleStreamDiT(DiTConfig.from_config(cfg))
+    b.load_state_dict(a.state_dict())
+    opt_a = T.make_optimizer(a, cfg)
+    opt_b = torch.optim.AdamW(b.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                              foreach=True)
+    assert opt_a.defaults["fused"] and not opt_b.defaults["fused"]
+    gen = torch.Generator().manual_seed(1)
+
+    def steps(n):
+        for _ in range(n):
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                pa.grad = torch.randn(pa.shape, generator=gen)
+                pb.grad = pa.grad.clone()
+            opt_a.step()
+            opt_b.step()
+
+    init = a.joint_blocks[0].mlp.w3.weight.detach().clone()
+    steps(3)
+    assert (a.joint_blocks[0].mlp.w3.weight - init).abs().max() > 1e-3  # the steps moved the weights
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+    opt_a = T.make_optimizer(a, cfg)
+    saved = io.BytesIO()
+    torch.save(opt_b.state_dict(), saved)  # a checkpoint of a run with the per-tensor AdamW ...
+    saved.seek(0)
+    opt_a.load_state_dict(torch.load(saved, weights_only=True))  # ... resumed with the fused one
+    steps(2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes():
