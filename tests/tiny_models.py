@@ -1,7 +1,8 @@
 """Tiny models built in code and saved with save_pretrained, so tests load them through the same
 from_pretrained paths a hub id takes, without a network. Reusable by any test:
 
-    from tiny_models import save_tiny_vae, save_tiny_t5gemma2, save_tiny_t5, save_tiny_clip, make_image_folder
+    from tiny_models import save_tiny_vae, save_tiny_t5gemma2, save_tiny_t5, save_tiny_clip, save_tiny_qwen3,
+                             make_image_folder
 """
 import os
 
@@ -13,7 +14,7 @@ WORDS = ("a an the red green blue yellow purple orange white black circle square
          "large big tiny on in at of and left right top bottom center background shape photo").split()
 
 
-def make_tokenizer(vocab_words=WORDS, add_eos=True, bos=False):
+def make_tokenizer(vocab_words=WORDS, add_eos=True, bos=False, padding_side="right"):
     """A word-level tokenizer from the `tokenizers` library wrapped as a transformers fast tokenizer."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -27,7 +28,7 @@ def make_tokenizer(vocab_words=WORDS, add_eos=True, bos=False):
     tok.post_processor = processors.TemplateProcessing(
         single=template, special_tokens=[("</s>", 1), ("<bos>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", bos_token="<bos>")
+                                   unk_token="<unk>", bos_token="<bos>", padding_side=padding_side)
 
 
 def _perturb(model, seed=0, std=0.05):
@@ -100,6 +101,21 @@ def save_tiny_clip(path, hidden=32, max_positions=16):
     model = _perturb(CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))).eval()
     model.save_pretrained(path)
     make_tokenizer(bos=True).save_pretrained(path)
+    return model
+
+
+def save_tiny_qwen3(path, hidden=32):
+    """A tiny decoder-only Qwen3ForCausalLM (as Z-Image's text encoder) + tokenizer; AutoModel takes its
+    base model (no LM head)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    config = Qwen3Config(vocab_size=len(WORDS) + 4, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    model = _perturb(Qwen3ForCausalLM(config)).eval()
+    model.save_pretrained(path)
+    # left padding, as many LLM tokenizers ship (Gemma); text_encoder.py pads right
+    make_tokenizer(bos=True, add_eos=False, padding_side="left").save_pretrained(path)
     return model
 
 
