@@ -130,7 +130,7 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
     """(bucket, image resized and cropped to it, caption) for one source; Skip for bad input."""
     path = os.path.join(cfg.data_dir, source)
     caption = read_caption(path)
-    img = load_image(path)
+    img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
     bucket = bucket_for(img.width, img.height, buckets)
     up = upscale_needed(img.width, img.height, bucket)
     if up > cfg.max_upscale:

@@ -121,6 +121,27 @@ def test_gray_palette_cmyk_16bit_and_1bit_become_rgb(tmp_path):
     assert save_and_load(Image.new("1", (4, 4), 1), tmp_path, "1.png")[0, 0].tolist() == [255] * 3
 
 
+def test_big_jpegs_decode_at_a_reduced_scale_with_the_same_result(tmp_path):
+    smooth = np.asarray(make_image(80, 60).resize((1600, 1200), Image.BICUBIC))
+    rotated = Image.fromarray(smooth)
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    rotated.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    Image.fromarray(smooth).convert("CMYK").save(tmp_path / "c.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "p.png")
+    for name, full_size in [("r.jpg", (1200, 1600)), ("c.jpg", (1600, 1200)), ("p.png", (1600, 1200))]:
+        full = images.load_image(str(tmp_path / name))
+        fast = images.load_image(str(tmp_path / name), min_side=256)
+        assert full.size == full_size and fast.mode == "RGB"
+        if name.endswith(".jpg"):  # 1/4 scale: the smallest with both sides >= 256
+            assert fast.size == (full_size[0] // 4, full_size[1] // 4)
+        else:
+            assert fast.size == full_size  # only JPEGs have reduced-scale decoding
+        a = np.asarray(images.resize_and_crop(full, (96, 128)), dtype=float)
+        b = np.asarray(images.resize_and_crop(fast, (96, 128)), dtype=float)
+        assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 6
+
+
 def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
     img = str(tmp_path / "a.png")
     cases = [("a caf\xe9 square".encode("utf-8"), "a caf\xe9 square"),
