@@ -11,6 +11,7 @@ a labelled grid.
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import replace
 
@@ -123,39 +124,55 @@ def save_grid(images, labels, path, cols=None, min_side=128):
 
 
 def load_run(run_dir, device="cpu"):
-    """(cfg, EMA model) of a run; a one-line ConfigError for a missing or mismatching run."""
+    """(cfg, EMA model) of a run: model/ (the export), else the newest readable checkpoint's EMA weights.
+
+    A missing run, an unreadable config.json or a model that does not match it is a one-line ConfigError;
+    an unreadable export or checkpoint is reported and the next one tried, so a damaged file loses nothing.
+    """
     from model import DiTConfig, SingleStreamDiT
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{run_dir}: not a run folder (no config.json); train one with train.py")
-    with open(cfg_path) as f:
-        cfg = config_from_dict(json.load(f))
-    model_dir = os.path.join(run_dir, "model")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = config_from_dict(json.load(f))
+    except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
+        raise ConfigError(f"{cfg_path}: not a readable run config ({str(e).splitlines()[0]})") from None
     expected = DiTConfig.from_config(cfg)
+    model_dir = os.path.join(run_dir, "model")
+    problem = None
     if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         try:
             model = SingleStreamDiT.from_pretrained(model_dir, device=device)
         except Exception as e:
-            raise ConfigError(f"{model_dir}: cannot load the model: {e}") from None
-        got = model.dc if hasattr(model, "dc") else None
-        if got is not None and (got.hidden_size, got.depth, got.in_channels, got.text_dim) != \
-                (expected.hidden_size, expected.depth, expected.in_channels, expected.text_dim):
-            raise ConfigError(f"{model_dir}: model does not match {cfg_path} "
-                              f"(hidden {got.hidden_size}/{expected.hidden_size}, depth {got.depth}/{expected.depth})")
-    else:
-        ckpts = sorted(n for n in os.listdir(os.path.join(run_dir, "checkpoints"))
-                       if n.endswith(".pt")) if os.path.isdir(os.path.join(run_dir, "checkpoints")) else []
-        if not ckpts:
-            raise ConfigError(f"{run_dir}: no exported model/ and no checkpoints/")
-        path = os.path.join(run_dir, "checkpoints", ckpts[-1])
-        state = torch.load(path, map_location="cpu", weights_only=False)
+            problem = f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})"
+        else:
+            got = model.dc
+            if (got.hidden_size, got.depth, got.in_channels, got.text_dim) != \
+                    (expected.hidden_size, expected.depth, expected.in_channels, expected.text_dim):
+                raise ConfigError(f"{model_dir}: model does not match {cfg_path} (hidden {got.hidden_size}/"
+                                  f"{expected.hidden_size}, depth {got.depth}/{expected.depth})")
+            return cfg, model.eval()
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    ckpts = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
+    for name in reversed(ckpts):
+        path = os.path.join(ckpt_dir, name)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            ema = state["ema"]
+        except Exception as e:  # truncated, foreign or not a training checkpoint
+            print(f"warning: {path}: not a readable checkpoint ({type(e).__name__}); trying an older one",
+                  file=sys.stderr)
+            continue
         model = SingleStreamDiT(expected)
         try:
-            model.load_state_dict(state["ema"])
+            model.load_state_dict(ema)
         except RuntimeError as e:
             raise ConfigError(f"{path}: checkpoint does not match {cfg_path}: {str(e).splitlines()[0]}") from None
-        model.to(device)
-    return cfg, model.eval()
+        if problem:
+            print(f"warning: {problem}; using the EMA weights of {path}", file=sys.stderr)
+        return cfg, model.to(device).eval()
+    raise ConfigError(problem or f"{run_dir}: no exported model/ and no readable checkpoint in checkpoints/")
 
 
 def main():

@@ -67,6 +67,34 @@ def test_checkpoint_that_does_not_match_the_config(tiny_run, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
 
 
+def test_damaged_files_fall_back_or_give_one_line(tiny_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    good = tmp_path / "good.png"
+    assert run(str(run_dir), "--prompt", PROMPT, "--out", str(good), "--steps", "2").returncode == 0
+    weights = run_dir / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a damaged export: the newest checkpoint's EMA is used
+    ckpts = sorted((run_dir / "checkpoints").glob("*.pt"))
+    assert len(ckpts) >= 2
+    ckpts[-1].write_bytes(b"not a checkpoint")  # ... and a damaged newest checkpoint: the one before it
+    r = run(str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "fallback.png"), "--steps", "2")
+    assert r.returncode == 0, r.stderr
+    warnings = r.stderr.strip().splitlines()
+    assert len(warnings) == 2 and str(ckpts[-1]) in warnings[0] and "model.safetensors" in warnings[1]
+    assert str(ckpts[-2]) in warnings[1] and (tmp_path / "fallback.png").exists()
+    for damaged in ckpts:
+        damaged.write_bytes(b"")
+    r = run(str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "none.png"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "model.safetensors" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "none.png").exists()
+    for text in ["{not json", "[1, 2]"]:
+        (run_dir / "config.json").write_text(text)
+        r = run(str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "none.png"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert "config.json" in r.stderr
+
+
 def test_sample_shift_moves_the_time_grid(tiny_run, tmp_path):
     """--shift 3 puts more of the steps at high noise: a different image from the same seed; --shift 0
     (the training shift, 1 for the tiny preset) gives the default image back."""
