@@ -45,7 +45,7 @@ def load_cache_file(path: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CacheError(f"{path}: missing or corrupt cache file ({type(e).__name__}); "
-                         "re-run python preprocess.py to rebuild it") from None
+                         "delete it and re-run python preprocess.py to re-encode it") from None
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:

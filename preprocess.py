@@ -11,8 +11,9 @@ resized to cover it (Lanczos) and centre-cropped, then encoded. cfg.cache_dir ge
 source) and manifest.json (the settings, per-channel latent mean/std, one entry per image). A caption
 that repeats (the shapes set has ~540 distinct ones) goes through the text encoder once per run.
 
-Re-runs are incremental: only new or changed images (size + mtime of image and caption) are encoded,
-entries of deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
+Re-runs are incremental: only new or changed images (size + mtime of image and caption), and images
+whose cache file is missing or no longer has the size it was written with, are encoded; entries of
+deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
 truncated or empty images, missing, empty or non-UTF-8 captions, and images that would need more than
 cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
 manifest is written last and atomically, so a killed run leaves the previous cache usable.
@@ -120,10 +121,22 @@ def split_for_rank(items: list, rank: int, world_size: int) -> list:
     return items[rank::world_size]
 
 
-def save_atomic(obj, path: str):
+def save_atomic(obj, path: str) -> int:
+    """torch.save through a temp file and a rename (a kill never leaves half a file); returns its size."""
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+    return os.path.getsize(path)
+
+
+def cache_file_intact(cache_dir: str, entry: dict) -> bool:
+    """The entry's .pt file exists with the size it was written with (caches from before sizes were
+    recorded: exists). Cheap, and catches truncated or overwritten files without reading them."""
+    try:
+        size = os.path.getsize(os.path.join(cache_dir, entry["file"]))
+    except OSError:
+        return False
+    return size == entry.get("bytes", size)
 
 
 def prepare(cfg: Config, source: str, buckets) -> tuple:
@@ -193,11 +206,12 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         for i, (source, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             name = cache_name(source)
-            save_atomic({"latents": z, "text": text[i].clone(), "mask": mask[i].clone(),
-                         "bucket": tuple(bucket), "caption": caption, "source": source},
-                        os.path.join(cfg.cache_dir, name))
+            size = save_atomic({"latents": z, "text": text[i].clone(), "mask": mask[i].clone(),
+                                "bucket": tuple(bucket), "caption": caption, "source": source},
+                               os.path.join(cfg.cache_dir, name))
             z64 = z.double().flatten(1)                                      # (C, h*w)
-            entries[source] = {"file": name, "fingerprint": fingerprint(os.path.join(cfg.data_dir, source)),
+            entries[source] = {"file": name, "bytes": size,
+                               "fingerprint": fingerprint(os.path.join(cfg.data_dir, source)),
                                "bucket": list(bucket), "latent_shape": list(z.shape),
                                "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
@@ -268,8 +282,12 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     for source in sources:
         fp = fingerprint(os.path.join(cfg.data_dir, source))
         e, s = old_entries.get(source), old_skipped.get(source)
-        if e and e["fingerprint"] == fp and os.path.exists(os.path.join(cfg.cache_dir, e["file"])):
+        if e and e["fingerprint"] == fp and cache_file_intact(cfg.cache_dir, e):
             kept[source] = e
+        elif e and e["fingerprint"] == fp:  # the image is unchanged but its cache file is gone or damaged
+            path = os.path.join(cfg.cache_dir, e["file"])
+            say(f"warning: {path}: cache file missing or damaged - re-encoding {source}", file=sys.stderr)
+            todo.append(source)
         elif s and s["fingerprint"] == fp:
             kept_skipped[source] = s
         else:

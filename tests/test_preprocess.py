@@ -217,7 +217,7 @@ def test_bad_inputs_are_reported_skipped_and_the_rest_cached(tmp_path, t5_dir, c
     assert not [f for f in os.listdir(cfg.cache_dir) if ".tmp" in f]
 
 
-def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, monkeypatch):
+def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, monkeypatch, capsys):
     cfg = pixel_cfg(tmp_path, t5_dir)
     data = tmp_path / "data"
     make_image_folder(str(data), [(64, 64), (80, 48), (48, 80), (40, 40), (64, 40)])
@@ -251,6 +251,15 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
     d = torch.load(os.path.join(cfg.cache_dir, third["entries"]["img_002.png"]["file"]), weights_only=True)
     assert d["caption"] == "a changed yellow caption"
     assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")]) == 5
+
+    damaged = os.path.join(cfg.cache_dir, third["entries"]["img_001.png"]["file"])
+    with open(damaged, "r+b") as f:  # truncated (a full disk, a killed copy): re-encoded, nothing else
+        f.truncate(100)
+    os.remove(os.path.join(cfg.cache_dir, third["entries"]["img_003.png"]["file"]))  # deleted: re-encoded
+    fourth = P.ensure_cache(cfg)
+    assert encoded[-1] == ["img_001.png", "img_003.png"] and fourth["entries"] == third["entries"]
+    assert torch.load(damaged, weights_only=True)["caption"] == "a green square on a white background"
+    assert sum("missing or damaged" in line for line in capsys.readouterr().err.splitlines()) == 2
 
     P.ensure_cache(cfg, force=True)  # --force: everything again
     assert len(encoded[-1]) == 6
