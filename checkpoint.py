@@ -39,11 +39,25 @@ def set_rng_state(state: dict, gen):
 
 
 def save_checkpoint(cfg: Config, state: dict) -> str:
-    os.makedirs(checkpoint_dir(cfg), exist_ok=True)
-    path = os.path.join(checkpoint_dir(cfg), f"step_{state['step']:07d}.pt")
+    """Write step_XXXXXXX.pt atomically, then drop all but the newest keep_checkpoints.
+
+    A failed write (a full disk: torch raises RuntimeError there, not OSError) removes its temp file and
+    raises OSError naming the file; the checkpoints already written are untouched.
+    """
+    d = checkpoint_dir(cfg)
+    os.makedirs(d, exist_ok=True)
+    for stale in [n for n in os.listdir(d) if n.endswith(".pt.tmp")]:  # left by a killed run
+        os.remove(os.path.join(d, stale))
+    path = os.path.join(d, f"step_{state['step']:07d}.pt")
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill leaves either the old set or the new file, never half
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill leaves either the old set or the new file, never half
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(f"{path}: checkpoint not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
+                      "is the disk full?)") from None
     for old in list_checkpoints(cfg)[:-cfg.keep_checkpoints]:
         os.remove(old)
     return path

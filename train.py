@@ -176,8 +176,11 @@ class CSVLog:
                 csv.writer(f).writerow(columns)
 
     def write(self, row: dict):
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.writer(f).writerow([row.get(c, "") for c in self.columns])
+        except OSError as e:  # a full disk costs a log line, not the run
+            tqdm.write(f"warning: {self.path}: row for step {row.get('step')} not written ({e.strerror})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,7 +312,11 @@ def train(cfg: Config) -> dict:
             with autocast_for(cfg, device):
                 images = generate(m, latent_space, prompt_emb, cfg, seed=cfg.seed)
             m.train()
-            save_grid(images, prompts, os.path.join(cfg.run_dir, "samples", f"step_{step:07d}_{tag}.png"))
+            path = os.path.join(cfg.run_dir, "samples", f"step_{step:07d}_{tag}.png")
+            try:
+                save_grid(images, prompts, path)
+            except OSError as e:  # a full disk costs a sample grid, not the run
+                tqdm.write(f"warning: {path}: not written ({e})")
         return row
 
     # --- Ctrl-C / SIGTERM: finish the step, save, exit cleanly ---
@@ -335,7 +342,7 @@ def train(cfg: Config) -> dict:
     # running sums stay on the device: no host-device sync until a logging step
     bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
     loss_sum, loss_n = torch.zeros((), device=device), 0
-    status = "done"
+    status, unsaved = "done", None  # unsaved: why the last checkpoint could not be written
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -421,15 +428,25 @@ def train(cfg: Config) -> dict:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
         elif out_of_time:
             status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
-        if master and (step % cfg.checkpoint_every == 0 or last_step or stop["signal"] or out_of_time):
-            save_checkpoint(cfg, checkpoint_state())
+        final = last_step or stop["signal"] is not None or out_of_time
+        if master and (step % cfg.checkpoint_every == 0 or final):
+            try:
+                save_checkpoint(cfg, checkpoint_state())
+            except OSError as e:  # e.g. a full disk: train on, try again at the next checkpoint
+                unsaved = str(e)
+                tqdm.write(f"warning: {e}; " + ("exporting the model" if final else "training goes on"))
+            else:
+                unsaved = None
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
 
     # --- export the EMA model, draw the graphs ---
     if master:
-        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))
+        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
+        if unsaved:  # the model is exported, but the run cannot resume from this step
+            raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
+                          "last checkpoint written")
         try:
             generate_graph.make_graphs(cfg.run_dir)
         except Exception as e:  # graphs are a convenience; never lose a run over them

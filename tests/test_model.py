@@ -152,6 +152,8 @@ def test_save_load_round_trip_and_errors(tmp_path):
     x, t, text, mask = inputs()
     model.save_pretrained(str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors"]
+    mode = os.stat(tmp_path / "m" / "config.json").st_mode
+    assert os.stat(tmp_path / "m" / "model.safetensors").st_mode == mode  # not safetensors' private 0600
     loaded = SingleStreamDiT.from_pretrained(str(tmp_path / "m"))
     assert loaded.dc == model.dc
     assert torch.equal(loaded(x, t, text, mask), model(x, t, text, mask))
