@@ -16,7 +16,8 @@ whose cache file is missing or no longer has the size it was written with, are e
 deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
 truncated or empty images, missing, empty or non-UTF-8 captions, and images that would need more than
 cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
-manifest is written last and atomically, so a killed run leaves the previous cache usable.
+manifest is written last and atomically, so a killed run leaves the previous cache usable; a full disk
+stops encoding with one line, and the images encoded before it are kept in the manifest.
 """
 import hashlib
 import json
@@ -82,13 +83,35 @@ def load_manifest(cache_dir: str):
     return manifest
 
 
+class CacheWriteError(OSError):
+    """A cache file could not be written (a full disk); carries what was encoded before it."""
+
+    def __init__(self, message, entries=None, skipped=None):
+        super().__init__(message)
+        self.entries, self.skipped = entries or {}, skipped or {}
+
+
+def write_atomic(path: str, write) -> int:
+    """write(tmp) into a temp file, then rename it to path (a kill never leaves half a file); returns
+    the size. A failure (a full disk: torch.save raises RuntimeError there) removes the temp file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CacheWriteError(f"{path}: not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
+                              "is the disk full?)") from None
+    return os.path.getsize(path)
+
+
 def write_manifest(cache_dir: str, manifest: dict):
     """Atomically: a reader sees the old or the new manifest, never half of one."""
-    path = os.path.join(cache_dir, MANIFEST)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, path)
+    def dump(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1)
+    write_atomic(os.path.join(cache_dir, MANIFEST), dump)
 
 
 def check_manifest(cfg: Config, manifest: dict):
@@ -119,14 +142,6 @@ def latent_stats(entries: dict, channels: int):
 def split_for_rank(items: list, rank: int, world_size: int) -> list:
     """This rank's share of the work: items[rank::world_size] (disjoint, covers everything)."""
     return items[rank::world_size]
-
-
-def save_atomic(obj, path: str) -> int:
-    """torch.save through a temp file and a rename (a kill never leaves half a file); returns its size."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return os.path.getsize(path)
 
 
 def cache_file_intact(cache_dir: str, entry: dict) -> bool:
@@ -206,9 +221,9 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         for i, (source, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             name = cache_name(source)
-            size = save_atomic({"latents": z, "text": text[i].clone(), "mask": mask[i].clone(),
-                                "bucket": tuple(bucket), "caption": caption, "source": source},
-                               os.path.join(cfg.cache_dir, name))
+            item = {"latents": z, "text": text[i].clone(), "mask": mask[i].clone(), "bucket": tuple(bucket),
+                    "caption": caption, "source": source}
+            size = write_atomic(os.path.join(cfg.cache_dir, name), lambda tmp: torch.save(item, tmp))
             z64 = z.double().flatten(1)                                      # (C, h*w)
             entries[source] = {"file": name, "bytes": size,
                                "fingerprint": fingerprint(os.path.join(cfg.data_dir, source)),
@@ -217,20 +232,24 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
-    for source, result in prepared_in_order(cfg, todo, buckets):
-        bar.update(1)
-        if isinstance(result, Skip):
-            path = os.path.join(cfg.data_dir, source)
-            skipped[source] = {"fingerprint": fingerprint(path), "reason": result.reason, "message": str(result)}
-            tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
-            continue
-        bucket, img, caption = result
-        pending[bucket].append((source, img, caption))
-        if len(pending[bucket]) >= cfg.preprocess_batch_size:
+    try:
+        for source, result in prepared_in_order(cfg, todo, buckets):
+            bar.update(1)
+            if isinstance(result, Skip):
+                path = os.path.join(cfg.data_dir, source)
+                skipped[source] = {"fingerprint": fingerprint(path), "reason": result.reason, "message": str(result)}
+                tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
+                continue
+            bucket, img, caption = result
+            pending[bucket].append((source, img, caption))
+            if len(pending[bucket]) >= cfg.preprocess_batch_size:
+                flush(bucket)
+        for bucket in list(pending):
             flush(bucket)
-    for bucket in list(pending):
-        flush(bucket)
-    bar.close()
+    except CacheWriteError as e:  # stop encoding; the caller keeps what was written
+        raise CacheWriteError(str(e), entries, skipped) from None
+    finally:
+        bar.close()
     return entries, skipped
 
 
@@ -294,6 +313,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             todo.append(source)
     removed = len(set(old_entries) - set(sources))
 
+    failure = None  # a CacheWriteError that stopped encoding
     # scale/shift come from the VAE when one is loaded; pixel space is the identity
     scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
     if cfg.latent_space == "pixel":
@@ -311,8 +331,11 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         scale, shift = latent_space.scale, latent_space.shift
         text_encoder = load_text_encoder(cfg, device=device, dtype=dtype)
         mine = split_for_rank(todo, rank, world)
-        new_entries, new_skipped = encode_files(cfg, mine, latent_space, text_encoder,
-                                                show_progress=verbose and rank == 0)
+        try:
+            new_entries, new_skipped = encode_files(cfg, mine, latent_space, text_encoder,
+                                                    show_progress=verbose and rank == 0)
+        except CacheWriteError as e:  # a full disk: keep (and record) what was encoded, then report
+            new_entries, new_skipped, failure = e.entries, e.skipped, e
         del latent_space, text_encoder
     if multi:  # rank 0 collects everyone's entries
         gathered = [None] * world
@@ -334,6 +357,9 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
     if multi:
         dist.barrier()
+    if failure:
+        raise CacheWriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
+                              "space and re-run to encode the rest")
     return manifest
 
 

@@ -326,6 +326,36 @@ def test_an_interrupted_run_leaves_the_previous_cache_usable(tmp_path, t5_dir, m
         P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c2")))
 
 
+def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkeypatch):
+    cfg = pixel_cfg(tmp_path, t5_dir, preprocess_batch_size=2)
+    make_image_folder(str(tmp_path / "data"), [(32, 32)] * 7)
+    real_save, written = torch.save, []
+
+    def save(obj, f, *a, **k):  # the disk fills up at the fifth cache file: a partial file, RuntimeError
+        if len(written) == 4:
+            with open(f, "wb") as out:
+                out.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 918")
+        written.append(f)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(OSError, match=r"\.pt: not written \(RuntimeError.*disk full.*the 4 images encoded before"):
+        P.ensure_cache(cfg)
+    kept = P.load_manifest(cfg.cache_dir)["entries"]
+    assert len(kept) == 4 and sorted(os.listdir(cfg.cache_dir)) == sorted(
+        [e["file"] for e in kept.values()] + ["manifest.json"])  # no partial or temp files
+    monkeypatch.setattr(torch, "save", real_save)
+    encoded, real_encode = [], P.encode_files
+
+    def spy(cfg, todo, *a, **k):
+        encoded.extend(todo)
+        return real_encode(cfg, todo, *a, **k)
+
+    monkeypatch.setattr(P, "encode_files", spy)
+    assert len(P.ensure_cache(cfg)["entries"]) == 7 and len(encoded) == 3  # the re-run encodes the rest only
+
+
 def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
     cfg = pixel_cfg(tmp_path, t5_dir)
     make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24)])
