@@ -16,8 +16,8 @@ whose cache file is missing or no longer has the size it was written with, are e
 deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
 truncated or empty images, missing, empty or non-UTF-8 captions, and images that would need more than
 cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
-manifest is written last and atomically, so a killed run leaves the previous cache usable; a full disk
-stops encoding with one line, and the images encoded before it are kept in the manifest.
+manifest is written last and atomically, so a killed run leaves the previous cache usable; Ctrl-C or a
+full disk stops encoding with one line, and the images encoded before it are kept in the manifest.
 """
 import hashlib
 import json
@@ -84,11 +84,15 @@ def load_manifest(cache_dir: str):
 
 
 class CacheWriteError(OSError):
-    """A cache file could not be written (a full disk); carries what was encoded before it."""
+    """A cache file could not be written (a full disk)."""
 
-    def __init__(self, message, entries=None, skipped=None):
-        super().__init__(message)
-        self.entries, self.skipped = entries or {}, skipped or {}
+
+class EncodingStopped(Exception):
+    """encode_files stopped early (a full disk, Ctrl-C): why, and what it had encoded until then."""
+
+    def __init__(self, cause, entries, skipped):
+        super().__init__(str(cause))
+        self.cause, self.entries, self.skipped = cause, entries, skipped
 
 
 def write_atomic(path: str, write) -> int:
@@ -246,8 +250,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                 flush(bucket)
         for bucket in list(pending):
             flush(bucket)
-    except CacheWriteError as e:  # stop encoding; the caller keeps what was written
-        raise CacheWriteError(str(e), entries, skipped) from None
+    except (CacheWriteError, KeyboardInterrupt) as e:  # stop; the caller records what was written
+        raise EncodingStopped(e, entries, skipped) from None
     finally:
         bar.close()
     return entries, skipped
@@ -334,8 +338,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         try:
             new_entries, new_skipped = encode_files(cfg, mine, latent_space, text_encoder,
                                                     show_progress=verbose and rank == 0)
-        except CacheWriteError as e:  # a full disk: keep (and record) what was encoded, then report
-            new_entries, new_skipped, failure = e.entries, e.skipped, e
+        except EncodingStopped as e:  # a full disk or Ctrl-C: record what was encoded, then report
+            new_entries, new_skipped, failure = e.entries, e.skipped, e.cause
         del latent_space, text_encoder
     if multi:  # rank 0 collects everyone's entries
         gathered = [None] * world
@@ -357,6 +361,9 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
     if multi:
         dist.barrier()
+    if isinstance(failure, KeyboardInterrupt):
+        say(f"interrupted: the {len(new_entries)} images encoded so far are cached; re-run to encode the rest")
+        raise failure
     if failure:
         raise CacheWriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
                               "space and re-run to encode the rest")
@@ -411,4 +418,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main_guard(main)
+    try:
+        main_guard(main)
+    except KeyboardInterrupt:  # ensure_cache has said what was kept
+        sys.exit(130)

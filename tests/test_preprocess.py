@@ -293,7 +293,7 @@ def test_repeated_captions_are_encoded_once_with_the_same_embeddings(tmp_path, t
         torch.testing.assert_close(d["text"], emb[0].to(torch.bfloat16))  # batching may differ by rounding
 
 
-def test_an_interrupted_run_leaves_the_previous_cache_usable(tmp_path, t5_dir, monkeypatch):
+def test_an_interrupted_run_keeps_what_it_encoded_and_the_cache_usable(tmp_path, t5_dir, monkeypatch, capsys):
     from dataset import CachedDataset
     from latents import LatentSpace
     cfg = pixel_cfg(tmp_path, t5_dir, val_fraction=0.0)
@@ -314,11 +314,20 @@ def test_an_interrupted_run_leaves_the_previous_cache_usable(tmp_path, t5_dir, m
     monkeypatch.setattr(LatentSpace, "encode", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         P.ensure_cache(cfg)
-    assert P.load_manifest(cfg.cache_dir) == first  # the old manifest, whole
-    assert len(CachedDataset(cfg)) == 3
+    assert "interrupted: the 3 images encoded so far are cached" in capsys.readouterr().out
+    kept = P.load_manifest(cfg.cache_dir)["entries"]  # the old entries and the first batch (3) of new ones
+    assert len(kept) == 6 and all(kept[k] == e for k, e in first["entries"].items())
+    assert len(CachedDataset(cfg)) == 6
     monkeypatch.setattr(LatentSpace, "encode", real)
+    encoded, real_encode = [], P.encode_files
+
+    def spy(cfg, todo, *a, **k):
+        encoded.extend(todo)
+        return real_encode(cfg, todo, *a, **k)
+
+    monkeypatch.setattr(P, "encode_files", spy)
     done = P.ensure_cache(cfg)
-    assert len(done["entries"]) == 9
+    assert len(done["entries"]) == 9 and len(encoded) == 3  # the re-run encodes the rest only
     assert sorted(f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")) == \
         sorted(e["file"] for e in done["entries"].values())
     os.makedirs(tmp_path / "empty")
