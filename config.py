@@ -300,12 +300,16 @@ def resolve_device(name: str = "auto"):
 
 
 def main_guard(main):
-    """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2."""
+    """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2,
+    Ctrl-C one line and exit code 130 (what was finished is kept: each script says what)."""
     try:
         return main()
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -418,7 +418,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main_guard(main)
-    except KeyboardInterrupt:  # ensure_cache has said what was kept
-        sys.exit(130)
+    main_guard(main)

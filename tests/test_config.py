@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from config import ConfigError, config_from_dict, get_config, parse_args, to_dict, PRESETS
+from config import ConfigError, config_from_dict, get_config, main_guard, parse_args, to_dict, PRESETS
 
 
 def test_defaults_are_the_shapes_preset_and_valid():
@@ -68,3 +68,19 @@ def test_script_prints_one_line_error():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown setting 'foo'")
     assert "Traceback" not in r.stderr
+
+
+def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsys):
+    def fails(exc):
+        def main():
+            raise exc
+        return main
+
+    for exc, code in [(ConfigError("batch_size=0: must be > 0"), 2), (FileNotFoundError("x.png: gone"), 2),
+                      (KeyboardInterrupt(), 130)]:
+        with pytest.raises(SystemExit) as e:
+            main_guard(fails(exc))
+        err = capsys.readouterr().err
+        assert e.value.code == code and len(err.strip().splitlines()) == 1
+        assert err.startswith("error: " if code == 2 else "interrupted")
+    assert main_guard(lambda: 7) == 7
