@@ -223,6 +223,18 @@ def default_val_prompts(cfg: Config, val_set) -> list:
     return captions or ["a photo"]
 
 
+def set_aside_earlier_run(run_dir: str):
+    """A fresh run (nothing resumed) in a folder that holds an earlier run moves that one to run_dir.N
+    first: mixing the two would append to its logs and prune the new checkpoints as older than its own."""
+    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
+        return None
+    n = 1
+    while os.path.exists(f"{run_dir}.{n}"):
+        n += 1
+    os.rename(run_dir, f"{run_dir}.{n}")
+    return f"{run_dir}.{n}"
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -241,6 +253,10 @@ def train(cfg: Config) -> dict:
     random.seed(cfg.seed)
 
     resume_path, ckpt = load_resume_checkpoint(cfg)  # first: a bad resume= fails before any work
+    if master and resume_path is None:
+        moved = set_aside_earlier_run(cfg.run_dir)
+        if moved:
+            print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
 
     # --- data: build or refresh the cache (rank 0), then loaders over it ---
     if master:

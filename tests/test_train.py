@@ -212,6 +212,22 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
         T.train(wider)
 
 
+def test_a_fresh_run_sets_an_earlier_one_in_its_folder_aside(tiny_data, tmp_path):
+    args = tiny_args(tiny_data, tmp_path, checkpoint_every=2, run_name="same")
+    first = get_config("tiny", **dict(args, max_steps=6))
+    T.train(first)
+    T.train(get_config("tiny", **dict(args, max_steps=2)))  # e.g. `python train.py` again after editing config.py
+    T.train(get_config("tiny", **dict(args, max_steps=4, resume="auto")))  # resuming stays in the folder
+    assert sorted(os.listdir(tmp_path)) == ["same", "same.1"]
+    assert [os.path.basename(p) for p in C.list_checkpoints(first)] == ["step_0000002.pt", "step_0000004.pt"]
+    with open(os.path.join(first.run_dir, "log.csv")) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4]  # only the new run, resumed
+    earlier = os.path.join(tmp_path, "same.1")
+    assert sorted(os.listdir(os.path.join(earlier, "checkpoints"))) == ["step_0000004.pt", "step_0000006.pt"]
+    with open(os.path.join(earlier, "log.csv")) as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1000, max_minutes=1e-6,
                                            checkpoint_every=1000, run_name="timed"))
