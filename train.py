@@ -226,8 +226,8 @@ def default_val_prompts(cfg: Config, val_set) -> list:
 def set_aside_earlier_run(run_dir: str):
     """A fresh run (nothing resumed) in a folder that holds an earlier run moves that one to run_dir.N
     first: mixing the two would append to its logs and prune the new checkpoints as older than its own."""
-    if not os.path.isdir(run_dir) or not os.listdir(run_dir):
-        return None
+    if not any(os.path.exists(os.path.join(run_dir, n)) for n in ("config.json", "log.csv", "checkpoints")):
+        return None  # no folder, or only other tools' output (sanity_check.py's sanity/)
     n = 1
     while os.path.exists(f"{run_dir}.{n}"):
         n += 1
