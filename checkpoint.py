@@ -1,4 +1,5 @@
-"""Checkpoints: plain dicts written atomically (temp file + rename), the newest K kept, and resume.
+"""Checkpoints: plain dicts written atomically (temp file + rename), the newest K kept, and resume; a
+fresh run sets an earlier run in its folder aside.
 
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
 resolved config (train.py builds it); the learning rate is a function of the step (train.lr_at).
@@ -83,3 +84,15 @@ def load_resume_checkpoint(cfg: Config):
                 raise ConfigError(message) from None
             print(f"warning: {message}; trying an older one")
     return None, None
+
+
+def set_aside_earlier_run(run_dir: str):
+    """A fresh run (nothing resumed) in a folder that holds an earlier run moves that one to run_dir.N
+    first: mixing the two would append to its logs and prune the new checkpoints as older than its own."""
+    if not any(os.path.exists(os.path.join(run_dir, n)) for n in ("config.json", "log.csv", "checkpoints")):
+        return None  # no folder, or only other tools' output (sanity_check.py's sanity/)
+    n = 1
+    while os.path.exists(f"{run_dir}.{n}"):
+        n += 1
+    os.rename(run_dir, f"{run_dir}.{n}")
+    return f"{run_dir}.{n}"

@@ -22,73 +22,14 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
-from checkpoint import checkpoint_dir, load_resume_checkpoint, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (checkpoint_dir, load_resume_checkpoint, rng_state, save_checkpoint, set_aside_earlier_run,
+                        set_rng_state)
+from objective import flow_matching_loss
 from optim import lr_at, make_optimizer, optimizer_update
-
-# ---------------------------------------------------------------------------------------------
-# The objective: rectified flow (t=0 data, t=1 noise; see samplers.py), minRF-style.
-
-
-def fourier_losses(x0_hat, x0):
-    """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation).
-
-    |z| has no gradient at z = 0, which is exactly where a zero-initialised x-prediction starts, so the
-    magnitudes are taken as sqrt(|z|^2 + tiny) and the norms are clamped before their square root."""
-    fa = torch.fft.rfft2(x0_hat.float(), norm="ortho")
-    fb = torch.fft.rfft2(x0.float(), norm="ortho")
-    power_a, power_b = fa.real ** 2 + fa.imag ** 2, fb.real ** 2 + fb.imag ** 2
-    amp = F.mse_loss((power_a + 1e-12).sqrt(), power_b.sqrt())
-    cross = (fa * fb.conj()).real.sum(dim=(-2, -1))
-    norm = (power_a.sum(dim=(-2, -1)) * power_b.sum(dim=(-2, -1))).clamp_min(1e-16).sqrt()
-    corr = (1 - cross / norm).mean()
-    return amp, corr
-
-
-def elementwise_loss(pred, target, cfg: Config):
-    if cfg.loss == "mse":
-        return (pred - target).pow(2)
-    if cfg.loss == "l1":
-        return (pred - target).abs()
-    return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
-
-
-def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
-    """Loss on the (implied) velocity. Returns (loss, per-sample loss, t)."""
-    x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
-    B, C, H, W = x0.shape
-    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-    if cfg.offset_noise > 0:  # offset noise: a per-channel constant, helps very dark/bright images
-        eps = eps + cfg.offset_noise * torch.randn((B, C, 1, 1), generator=gen, device=x0.device)
-    if t is None:
-        n_tokens = (H // cfg.patch_size) * (W // cfg.patch_size)
-        t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,
-                               S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device,
-                               uniform_mix=cfg.t_uniform_mix)
-    x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
-    out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
-    pred = S.Prediction.from_config(cfg)
-    v_hat = pred.velocity(out.float(), x_t, t)
-    per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
-    loss = per_sample.mean()
-    if cfg.fourier_amp_loss > 0 or cfg.fourier_corr_loss > 0:
-        amp, corr = fourier_losses(pred.x0(out.float(), x_t, t), x0)
-        loss = loss + cfg.fourier_amp_loss * amp + cfg.fourier_corr_loss * corr
-    if ema_model is not None and cfg.self_consistency_loss > 0:
-        # Self-evaluation consistency: the EMA model, shown the same sample with less noise (same eps,
-        # t scaled by 0.5), gives a better x0; the online model at t is pulled towards it.
-        with torch.no_grad():
-            t_less = t * 0.5
-            x_less = S.add_noise(x0, eps, t_less)
-            target = pred.x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less)
-        x0_hat = pred.x0(out.float(), x_t, t)
-        loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
-    return loss, per_sample.detach(), t
-
 
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
@@ -221,18 +162,6 @@ def default_val_prompts(cfg: Config, val_set) -> list:
         return [shapes.caption(a) for a in seen[::len(seen) // 6][:6] + held_out]  # spread + held-out pairs
     captions = [val_set[i]["caption"] for i in range(min(8, len(val_set)))] if val_set else []
     return captions or ["a photo"]
-
-
-def set_aside_earlier_run(run_dir: str):
-    """A fresh run (nothing resumed) in a folder that holds an earlier run moves that one to run_dir.N
-    first: mixing the two would append to its logs and prune the new checkpoints as older than its own."""
-    if not any(os.path.exists(os.path.join(run_dir, n)) for n in ("config.json", "log.csv", "checkpoints")):
-        return None  # no folder, or only other tools' output (sanity_check.py's sanity/)
-    n = 1
-    while os.path.exists(f"{run_dir}.{n}"):
-        n += 1
-    os.rename(run_dir, f"{run_dir}.{n}")
-    return f"{run_dir}.{n}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import objective as O
 import train as T
 from config import get_config
 from model import DiTConfig, SingleStreamDiT
@@ -20,11 +21,11 @@ def batch_for(cfg, B=3, L=5):
 
 def test_fourier_losses_are_zero_for_identical_and_positive_otherwise():
     x = torch.randn(2, 3, 8, 8)
-    amp, corr = T.fourier_losses(x, x)
+    amp, corr = O.fourier_losses(x, x)
     assert amp.item() < 1e-10 and abs(corr.item()) < 1e-6
-    amp, corr = T.fourier_losses(x, -x)  # same amplitudes, opposite phase
+    amp, corr = O.fourier_losses(x, -x)  # same amplitudes, opposite phase
     assert amp.item() < 1e-10 and abs(corr.item() - 2.0) < 1e-5
-    amp, corr = T.fourier_losses(x, torch.randn(2, 3, 8, 8))
+    amp, corr = O.fourier_losses(x, torch.randn(2, 3, 8, 8))
     assert amp.item() > 0 and 0 < corr.item() < 2
 
 
@@ -54,7 +55,7 @@ def test_every_objective_option_gives_a_finite_loss_and_gradients(overrides):
     ema = SingleStreamDiT(DiTConfig.from_config(cfg))
     ema.load_state_dict(model.state_dict())
     gen = torch.Generator().manual_seed(0)
-    loss, per_sample, t = T.flow_matching_loss(model, batch_for(cfg), cfg, gen, ema_model=ema)
+    loss, per_sample, t = O.flow_matching_loss(model, batch_for(cfg), cfg, gen, ema_model=ema)
     loss.backward()
     assert math.isfinite(loss.item()) and per_sample.shape == (3,) and ((t > 0) & (t < 1)).all()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
@@ -68,17 +69,17 @@ def test_fourier_losses_have_finite_gradients_from_the_zero_initialised_output(p
     cfg = get_config("tiny", prediction=prediction, fourier_amp_loss=1.0, fourier_corr_loss=1.0)
     torch.manual_seed(0)
     model = SingleStreamDiT(DiTConfig.from_config(cfg))
-    loss, _, _ = T.flow_matching_loss(model, batch_for(cfg), cfg, torch.Generator().manual_seed(0))
+    loss, _, _ = O.flow_matching_loss(model, batch_for(cfg), cfg, torch.Generator().manual_seed(0))
     loss.backward()
     assert math.isfinite(loss.item())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert sum(float(p.grad.abs().sum()) for p in model.parameters() if p.grad is not None) > 0
     # the eps does not change the values: amplitude loss of identical spectra is 0, correlation of x with 2x is 0
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    amp, corr = T.fourier_losses(x, x)
+    amp, corr = O.fourier_losses(x, x)
     assert amp.item() < 1e-10 and abs(corr.item()) < 1e-6
-    assert abs(T.fourier_losses(2 * x, x)[1].item()) < 1e-6
-    torch.testing.assert_close(T.fourier_losses(x, torch.zeros_like(x))[0], torch.fft.rfft2(x, norm="ortho").abs().pow(2).mean())
+    assert abs(O.fourier_losses(2 * x, x)[1].item()) < 1e-6
+    torch.testing.assert_close(O.fourier_losses(x, torch.zeros_like(x))[0], torch.fft.rfft2(x, norm="ortho").abs().pow(2).mean())
 
 
 def test_x_prediction_loss_is_on_the_implied_velocity():
@@ -97,9 +98,9 @@ def test_x_prediction_loss_is_on_the_implied_velocity():
             return x0 + self.offset
 
     gen = torch.Generator().manual_seed(0)
-    loss, per_sample, _ = T.flow_matching_loss(Oracle(0.0), b, cfg, gen, t=t_fixed)
+    loss, per_sample, _ = O.flow_matching_loss(Oracle(0.0), b, cfg, gen, t=t_fixed)
     assert loss.item() < 1e-10
-    _, per_sample, _ = T.flow_matching_loss(Oracle(0.1), b, cfg, gen, t=t_fixed)
+    _, per_sample, _ = O.flow_matching_loss(Oracle(0.1), b, cfg, gen, t=t_fixed)
     assert torch.allclose(per_sample, 0.01 / t_fixed ** 2, rtol=1e-4)
 
 

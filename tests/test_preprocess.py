@@ -31,6 +31,18 @@ def pixel_cfg(tmp_path, t5_dir, **kw):
     return get_config("tiny", **{**settings, **kw})
 
 
+def record_encoded(monkeypatch) -> list:
+    """A list that collects every source preprocess encodes from now on."""
+    encoded, real = [], P.encode_files
+
+    def spy(cfg, todo, *a, **k):
+        encoded.extend(todo)
+        return real(cfg, todo, *a, **k)
+
+    monkeypatch.setattr(P, "encode_files", spy)
+    return encoded
+
+
 # --- buckets -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("target,align,ratio", [(32, 8, 2.0), (448, 32, 2.0), (512, 64, 2.0), (1024, 64, 4.0),
@@ -319,13 +331,7 @@ def test_an_interrupted_run_keeps_what_it_encoded_and_the_cache_usable(tmp_path,
     assert len(kept) == 6 and all(kept[k] == e for k, e in first["entries"].items())
     assert len(CachedDataset(cfg)) == 6
     monkeypatch.setattr(LatentSpace, "encode", real)
-    encoded, real_encode = [], P.encode_files
-
-    def spy(cfg, todo, *a, **k):
-        encoded.extend(todo)
-        return real_encode(cfg, todo, *a, **k)
-
-    monkeypatch.setattr(P, "encode_files", spy)
+    encoded = record_encoded(monkeypatch)
     done = P.ensure_cache(cfg)
     assert len(done["entries"]) == 9 and len(encoded) == 3  # the re-run encodes the rest only
     assert sorted(f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")) == \
@@ -355,13 +361,7 @@ def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkey
     assert len(kept) == 4 and sorted(os.listdir(cfg.cache_dir)) == sorted(
         [e["file"] for e in kept.values()] + ["manifest.json"])  # no partial or temp files
     monkeypatch.setattr(torch, "save", real_save)
-    encoded, real_encode = [], P.encode_files
-
-    def spy(cfg, todo, *a, **k):
-        encoded.extend(todo)
-        return real_encode(cfg, todo, *a, **k)
-
-    monkeypatch.setattr(P, "encode_files", spy)
+    encoded = record_encoded(monkeypatch)
     assert len(P.ensure_cache(cfg)["entries"]) == 7 and len(encoded) == 3  # the re-run encodes the rest only
 
 

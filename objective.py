@@ -1,0 +1,69 @@
+"""The training objective: rectified flow matching (t=0 data, t=1 noise; see samplers.py), minRF-style.
+
+    loss, per_sample, t = flow_matching_loss(model, batch, cfg, gen)
+
+Noise the clean latents to x_t = (1 - t) x0 + t eps at t from the configured schedule (logit-normal,
+SD3), run the model, and take the loss on the velocity it implies (whatever it predicts: v, x or EDM),
+plus the optional Fourier and self-consistency terms. train.py's loop and bench.py call it.
+"""
+import torch
+import torch.nn.functional as F
+
+import samplers as S
+from config import Config
+
+
+def fourier_losses(x0_hat, x0):
+    """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation).
+
+    |z| has no gradient at z = 0, which is exactly where a zero-initialised x-prediction starts, so the
+    magnitudes are taken as sqrt(|z|^2 + tiny) and the norms are clamped before their square root."""
+    fa = torch.fft.rfft2(x0_hat.float(), norm="ortho")
+    fb = torch.fft.rfft2(x0.float(), norm="ortho")
+    power_a, power_b = fa.real ** 2 + fa.imag ** 2, fb.real ** 2 + fb.imag ** 2
+    amp = F.mse_loss((power_a + 1e-12).sqrt(), power_b.sqrt())
+    cross = (fa * fb.conj()).real.sum(dim=(-2, -1))
+    norm = (power_a.sum(dim=(-2, -1)) * power_b.sum(dim=(-2, -1))).clamp_min(1e-16).sqrt()
+    corr = (1 - cross / norm).mean()
+    return amp, corr
+
+
+def elementwise_loss(pred, target, cfg: Config):
+    if cfg.loss == "mse":
+        return (pred - target).pow(2)
+    if cfg.loss == "l1":
+        return (pred - target).abs()
+    return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+
+
+def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
+    """Loss on the (implied) velocity. Returns (loss, per-sample loss, t)."""
+    x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
+    B, C, H, W = x0.shape
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    if cfg.offset_noise > 0:  # offset noise: a per-channel constant, helps very dark/bright images
+        eps = eps + cfg.offset_noise * torch.randn((B, C, 1, 1), generator=gen, device=x0.device)
+    if t is None:
+        n_tokens = (H // cfg.patch_size) * (W // cfg.patch_size)
+        t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,
+                               S.time_shift_for(cfg, n_tokens), generator=gen, device=x0.device,
+                               uniform_mix=cfg.t_uniform_mix)
+    x_t = S.add_noise(x0, eps, t)                                          # (B, C, H, W)
+    out = model(x_t, t, text, mask, drop, text_padded=batch.get("text_padded"))
+    pred = S.Prediction.from_config(cfg)
+    v_hat = pred.velocity(out.float(), x_t, t)
+    per_sample = elementwise_loss(v_hat, S.velocity_target(x0, eps), cfg).mean(dim=(1, 2, 3))  # (B,)
+    loss = per_sample.mean()
+    if cfg.fourier_amp_loss > 0 or cfg.fourier_corr_loss > 0:
+        amp, corr = fourier_losses(pred.x0(out.float(), x_t, t), x0)
+        loss = loss + cfg.fourier_amp_loss * amp + cfg.fourier_corr_loss * corr
+    if ema_model is not None and cfg.self_consistency_loss > 0:
+        # Self-evaluation consistency: the EMA model, shown the same sample with less noise (same eps,
+        # t scaled by 0.5), gives a better x0; the online model at t is pulled towards it.
+        with torch.no_grad():
+            t_less = t * 0.5
+            x_less = S.add_noise(x0, eps, t_less)
+            target = pred.x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less)
+        x0_hat = pred.x0(out.float(), x_t, t)
+        loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
+    return loss, per_sample.detach(), t
