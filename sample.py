@@ -28,6 +28,10 @@ def encode_prompts(cfg, prompts, device):
     if not prompts or any(not p.strip() for p in prompts):
         raise ConfigError("empty prompt: give some text to --prompt or in --prompts-file")
     encoder = load_text_encoder(cfg, device=device)
+    for prompt, n in zip(prompts, encoder.token_counts(prompts)):
+        if n > cfg.max_token_length:  # the model was trained on captions of at most this many tokens
+            print(f"warning: prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {n} tokens; only the "
+                  f"first {cfg.max_token_length} are used (max_token_length)", file=sys.stderr)
     text, mask = encoder.encode(list(prompts))
     del encoder
     return text.to(device), mask.to(device)

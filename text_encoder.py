@@ -65,6 +65,10 @@ class TextEncoder:
     def device(self):
         return next(self.model.parameters()).device
 
+    def token_counts(self, captions) -> list:
+        """Tokens per caption before truncation (special tokens included), to warn about cut captions."""
+        return [len(ids) for ids in self.tokenizer(list(captions), truncation=False)["input_ids"]]
+
     @torch.no_grad()
     def encode(self, captions):
         """list of B strings -> (emb (B, L, D) float32 on the encoder's device, mask (B, L) bool)."""

@@ -107,3 +107,14 @@ def test_sample_shift_moves_the_time_grid(tiny_run, tmp_path):
         outs[shift] = np.asarray(Image.open(out)).astype(int)
     assert np.array_equal(outs[None], outs["0"])
     assert np.abs(outs[None] - outs["3"]).max() > 0
+
+
+def test_a_prompt_longer_than_the_trained_captions_is_warned_about(tiny_run, capsys):
+    from sample import encode_prompts, load_run
+    cfg, _ = load_run(tiny_run)
+    long = "a large red circle in the center on a white background " * 3
+    text, mask = encode_prompts(cfg, [PROMPT, long], "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a large red circle in the center on a wh" in err[0]
+    assert f"only the first {cfg.max_token_length} are used" in err[0]
+    assert text.shape[:2] == mask.shape == (2, cfg.max_token_length) and mask[1].all() and not mask[0].all()
