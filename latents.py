@@ -31,7 +31,7 @@ def files_only(name: str) -> bool:
 
 
 HUB_HINT = "not in the Hugging Face cache and not downloadable: check the id, log in with `hf auth login` " \
-           "for gated repos, or give a local folder"
+           "for gated repos, or give a local folder; offline, HF_HUB_OFFLINE=1 skips the network retries"
 
 
 def _hub_error_line(err: Exception) -> str:
