@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -401,7 +402,12 @@ def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=pri
         f"{len(manifest['skipped'])} skipped) in {seconds:.1f} s")
 
 
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a cluster's time limit, `kill`) keeps the work done, as Ctrl-C does
+
+
 def main():
+    signal.signal(signal.SIGTERM, raise_interrupt)
     argv = sys.argv[1:]
     force = "--force" in argv
     cfg = parse_args([a for a in argv if a != "--force"])

@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -459,3 +460,25 @@ def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir
         a = torch.load(os.path.join(cfg.cache_dir, manifest["entries"][name]["file"]), weights_only=True)
         b = torch.load(os.path.join(tmp_path / "single", single["entries"][name]["file"]), weights_only=True)
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
+
+
+def test_sigterm_keeps_what_was_encoded(tmp_path):
+    """`kill` (a cluster's time limit) stops preprocess.py like Ctrl-C: exit 130, the manifest names what
+    was encoded until then."""
+    import signal
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["tiny", f"data_dir={tmp_path / 'shapes'}", f"cache_dir={tmp_path / 'cache'}", "num_shapes=4000"]
+    p = subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = b""
+    while b"encode:" not in seen or not re.search(rb"encode: +\d+%\|[^|]*\| [1-9]\d\d+/", seen):
+        chunk = p.stdout.read1(4096)  # tqdm's bar: wait until some hundreds of images are encoded
+        assert chunk, seen.decode(errors="replace")[-500:]
+        seen += chunk
+    p.send_signal(signal.SIGTERM)
+    out = (seen + p.communicate(timeout=120)[0]).decode(errors="replace")
+    assert p.returncode == 130, out[-500:]
+    kept = P.load_manifest(str(tmp_path / "cache"))["entries"]
+    assert f"interrupted: the {len(kept)} images encoded so far are cached" in out
+    assert 0 < len(kept) < 4000
