@@ -272,8 +272,7 @@ def train(cfg: Config) -> dict:
             raise KeyboardInterrupt
         stop["signal"] = signum
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def checkpoint_state():
         return {"model": model.state_dict(), "ema": ema_model.state_dict(),
@@ -385,6 +384,8 @@ def train(cfg: Config) -> dict:
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
+    for sig, handler in previous_handlers.items():  # train() called from Python: leave signals as they were
+        signal.signal(sig, handler)
 
     # --- export the EMA model, draw the graphs ---
     if master:

@@ -33,7 +33,9 @@ def run_script(args, timeout=300, **popen):
 
 def test_two_steps_write_the_expected_files(tiny_data, tmp_path):
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=2, optimizer="adamw8bit"))
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     result = T.train(cfg)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # left as they were
     run = cfg.run_dir
     assert result["step"] == 2 and result["status"] == "done"
     for name in ["config.json", "log.csv", "val.csv", "model/model.safetensors", "model/config.json",
