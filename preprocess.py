@@ -318,7 +318,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             todo.append(source)
     removed = len(set(old_entries) - set(sources))
 
-    failure = None  # a CacheWriteError that stopped encoding
+    failure = None  # what stopped encoding early: a CacheWriteError (full disk) or KeyboardInterrupt
     # scale/shift come from the VAE when one is loaded; pixel space is the identity
     scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
     if cfg.latent_space == "pixel":
