@@ -239,11 +239,18 @@ def split_args(argv):
     while i < len(argv):
         arg = argv[i]
         if arg == "--only":
+            if i + 1 == len(argv):
+                raise ConfigError("--only: expected train, sample and/or preprocess after it")
             only = argv[i + 1].split(",")
             i += 2
             continue
         if arg == "--compare":
-            compare_overrides = dict(a.split("=", 1) for a in argv[i + 1:])
+            changes = argv[i + 1:]
+            bad = [a for a in changes if "=" not in a or a.startswith("=")]
+            if not changes or bad:
+                raise ConfigError(f"--compare{''.join(' ' + b for b in bad)}: expected the change as key=value ... "
+                                  "after it")
+            compare_overrides = dict(a.split("=", 1) for a in changes)
             break
         key, sep, value = arg.partition("=")
         if sep and key in BENCH_DEFAULTS:
@@ -254,6 +261,12 @@ def split_args(argv):
         else:
             rest.append(arg)
         i += 1
+    lowest = {"steps": 1, "rounds": 1, "sample_batch": 1, "sample_steps": 1, "warmup": 0, "peak_tflops": 0}
+    for key, low in lowest.items():
+        if opts[key] < low:
+            raise ConfigError(f"{key}={opts[key]}: must be >= {low}")
+    if opts["padded"] not in (0, 1):
+        raise ConfigError(f"padded={opts['padded']}: must be 0 or 1")
     return parse_args(rest), opts, only, compare_overrides
 
 

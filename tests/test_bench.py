@@ -31,6 +31,10 @@ def test_compare_prints_a_ratio():
     assert result["speedup_b_over_a"] > 0 and result["compare"] == {"grad_checkpointing": "true"}
 
 
-def test_bad_setting_is_one_line():
-    r = run("tiny", "steps=many")
-    assert r.returncode == 2 and r.stderr.strip().startswith("error: steps=")
+def test_bad_settings_are_one_line():
+    for args, start in [(["steps=many"], "error: steps="), (["steps=0"], "error: steps=0: must be >= 1"),
+                        (["padded=2"], "error: padded=2"), (["--compare"], "error: --compare:"),
+                        (["--compare", "depth"], "error: --compare depth:"), (["--only"], "error: --only"),
+                        (["--only", "speed"], "error: --only speed")]:
+        r = run("tiny", *args)
+        assert r.returncode == 2 and r.stderr.startswith(start) and len(r.stderr.strip().splitlines()) == 1, r.stderr
