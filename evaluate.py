@@ -170,7 +170,10 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     if not inception_path or not os.path.isfile(inception_path):
         return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
                       "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
-    net = torch.jit.load(inception_path, map_location=device).eval()
+    try:
+        net = torch.jit.load(inception_path, map_location=device).eval()
+    except Exception as e:  # not a TorchScript file: the rest of the report still gets written
+        return None, f"FID skipped: {inception_path} is not a TorchScript network ({type(e).__name__})"
     val = CachedDataset(cfg, "val")
     n = min(len(val), max_images)
     if n < 2:
@@ -209,6 +212,10 @@ def main():
                    help="shapes: also score denoising of noised ground truth from several t")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
+    if (args.steps is not None and args.steps < 1) or args.per_pair < 1:
+        raise ConfigError("--steps and --per-pair must be >= 1")
+    if args.inception and not os.path.isfile(args.inception):
+        raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
     from sample import load_run, with_sample_shift
     import train as T
     from dataset import make_loader

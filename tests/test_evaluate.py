@@ -46,6 +46,16 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
     assert fid is not None and fid >= 0 and message.startswith("FID")
     none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))
     assert none is None and "FID skipped" in message
+    (tmp_path / "junk.pt").write_bytes(b"not TorchScript")
+    none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "junk.pt"))
+    assert none is None and "junk.pt is not a TorchScript network" in message
+
+
+def test_bad_arguments_are_one_line(tiny_run, tmp_path):
+    for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")]):
+        r = subprocess.run([sys.executable, "evaluate.py", tiny_run, *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_renoise_keeps_ground_truth_at_tiny_t_and_is_on_the_cli(tiny_run):
