@@ -121,7 +121,9 @@ def main():
         try:
             n_decode = int(argv[i + 1])
         except (IndexError, ValueError):
-            raise ConfigError("--decode needs a number of entries, e.g. --decode 4") from None
+            n_decode = 0
+        if n_decode < 1:
+            raise ConfigError("--decode needs a number of entries (>= 1), e.g. --decode 4")
         argv = argv[:i] + argv[i + 2:]
     cfg = parse_args(argv)
     manifest = load_manifest(cfg.cache_dir)

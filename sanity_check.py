@@ -34,6 +34,9 @@ def split_args(argv):
                 raise ConfigError(f"{key}={value!r}: expected a number") from None
         else:
             overrides[key] = value
+    for key in ("steps", "min_factor", "lr"):
+        if check[key] <= 0:
+            raise ConfigError(f"{key}={check[key]}: must be > 0")
     return get_config(preset, **overrides), check
 
 

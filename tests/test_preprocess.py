@@ -418,6 +418,10 @@ def test_flux_vae_and_t5gemma2_end_to_end_through_the_cli(tmp_path, monkeypatch,
     written = sorted(os.listdir(tmp_path / "cache" / "check"))
     assert len(written) == 4 and sum(f.endswith("_decoded.png") for f in written) == 2
     assert Image.open(tmp_path / "cache" / "check" / written[0]).size in {(32, 32), (48, 16), (16, 48)}
+    for bad in (["--decode", "-3"], ["--decode"]):
+        monkeypatch.setattr(sys, "argv", ["check_cache.py"] + args + bad)
+        with pytest.raises(P.ConfigError, match="--decode needs a number of entries"):
+            check_cache.main()
 
 
 def test_shapes_source_generates_then_caches(tmp_path):

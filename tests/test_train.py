@@ -193,6 +193,11 @@ def test_sanity_check_overfits(tiny_data, tmp_path):
     result = sanity_check(cfg, steps=120, verbose=False)
     assert result["ok"], result["factor"]
     assert result["factor"] >= 10 and os.path.isfile(result["path"])
+    from config import ConfigError
+    from sanity_check import split_args
+    for bad in ("steps=0", "lr=-1", "min_factor=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0] + ".*must be > 0"):
+            split_args([bad])
 
 
 def test_resume_errors_and_fallback(tiny_data, tmp_path):
