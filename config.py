@@ -296,7 +296,16 @@ def resolve_device(name: str = "auto"):
     import torch  # here, not at import: importing config probes no device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device={name!r}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"device={name!r}: no such CUDA GPU here ({torch.cuda.device_count()} visible; "
+                          f"torch {torch.__version__})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r}: MPS is not available here")
+    return device
 
 
 def main_guard(main):

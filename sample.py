@@ -208,6 +208,8 @@ def main():
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ConfigError("--num and --steps must be >= 1")
+    if args.cfg is not None and args.cfg < 0:
+        raise ConfigError(f"--cfg {args.cfg}: must be >= 0 (1 = no guidance)")
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
     size = parse_size(args.size, cfg) if args.size else None

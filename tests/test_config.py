@@ -84,3 +84,14 @@ def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsy
         assert e.value.code == code and len(err.strip().splitlines()) == 1
         assert err.startswith("error: " if code == 2 else "interrupted")
     assert main_guard(lambda: 7) == 7
+
+
+def test_resolve_device_names_a_bad_or_missing_device():
+    import torch
+    from config import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device='tpu': not a device"):
+        resolve_device("tpu")
+    with pytest.raises(ConfigError, match="device='cuda:99': no such CUDA GPU"):
+        resolve_device("cuda:99")
