@@ -144,9 +144,16 @@ def find_images(data_dir: str, skip_dir: str = None) -> list:
     """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out)."""
     found = []
     skip = os.path.abspath(skip_dir) if skip_dir else None
+    seen = {os.path.realpath(data_dir)}  # linked folders are followed once: a link back up is no loop
     for root, dirs, files in os.walk(data_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs
-                         if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
+        keep = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            if d.startswith(".") or os.path.abspath(path) == skip or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            keep.append(d)
+        dirs[:] = keep
         for name in files:
             if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))

@@ -155,6 +155,21 @@ def test_big_jpegs_decode_at_a_reduced_scale_with_the_same_result(tmp_path):
         assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 6
 
 
+def test_find_images_follows_linked_folders_once(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    os.makedirs(data / "sub")
+    os.makedirs(elsewhere)
+    for folder, name in [(data, "a.png"), (data / "sub", "b.JPG"), (elsewhere, "c.webp")]:
+        make_image(8, 8).save(folder / name)
+    (data / "sub" / "notes.txt").write_text("not an image")
+    os.symlink(data, data / "sub" / "back_up")       # a loop
+    os.symlink(elsewhere, data / "linked")           # a linked folder of more images
+    os.symlink(elsewhere, data / "sub" / "again")    # the same folder through a second link
+    os.makedirs(data / ".hidden")
+    make_image(8, 8).save(data / ".hidden" / "d.png")
+    assert images.find_images(str(data)) == ["a.png", "linked/c.webp", "sub/b.JPG"]
+
+
 def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
     img = str(tmp_path / "a.png")
     cases = [("a caf\xe9 square".encode("utf-8"), "a caf\xe9 square"),
