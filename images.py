@@ -108,8 +108,9 @@ def load_image(path: str, min_side: int = 0) -> Image.Image:
 
 
 def caption_path_for(image_path: str):
+    """stem.txt or stem.caption beside the image (also in capitals: STEM.TXT from some cameras/tools)."""
     stem = os.path.splitext(image_path)[0]
-    for ext in CAPTION_EXTS:
+    for ext in CAPTION_EXTS + tuple(e.upper() for e in CAPTION_EXTS):
         if os.path.isfile(stem + ext):
             return stem + ext
     return None

@@ -179,6 +179,9 @@ def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
     for raw, want in cases:
         (tmp_path / "a.txt").write_bytes(raw)
         assert images.read_caption(img) == want
+    os.rename(tmp_path / "a.txt", tmp_path / "a.TXT")
+    assert images.read_caption(img) == "a green line"  # an upper-case extension
+    os.rename(tmp_path / "a.TXT", tmp_path / "a.txt")
     (tmp_path / "a.txt").write_bytes(b"\xff\xfea\x00\x00\xd8")  # UTF-16 BOM, then a lone surrogate
     with pytest.raises(images.Skip, match="not UTF-16"):
         images.read_caption(img)
