@@ -46,6 +46,7 @@ def test_overrides_are_typed():
     (["batch_size=0"], "batch_size"),
     (["prediction=eps"], "prediction"),
     (["sigma_data=0"], "sigma_data"),
+    (["val_prompts= | "], "val_prompts"),
 ])
 def test_bad_settings_name_the_key(argv, key):
     with pytest.raises(ConfigError) as e:
