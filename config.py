@@ -181,6 +181,8 @@ class Config:
         need(self.sigma_data > 0, "sigma_data", "must be > 0")
         need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
         need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")
+        need(os.path.abspath(self.cache_dir) != os.path.abspath(self.data_dir), "cache_dir",
+             "must not be data_dir (preprocess deletes .pt files in the cache that it did not write)")
         need(not self.val_prompts or any(p.strip() for p in self.val_prompts.split("|")), "val_prompts",
              "no prompt in it: '|'-separated prompts, or empty for the preset's")
         return self

@@ -47,6 +47,7 @@ def test_overrides_are_typed():
     (["prediction=eps"], "prediction"),
     (["sigma_data=0"], "sigma_data"),
     (["val_prompts= | "], "val_prompts"),
+    (["data_dir=data/x", "cache_dir=data/x/"], "cache_dir"),
 ])
 def test_bad_settings_name_the_key(argv, key):
     with pytest.raises(ConfigError) as e:
