@@ -362,9 +362,9 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
     if multi:
         dist.barrier()
-    if isinstance(failure, KeyboardInterrupt):
-        say(f"interrupted: the {len(new_entries)} images encoded so far are cached; re-run to encode the rest")
-        raise failure
+    if isinstance(failure, KeyboardInterrupt):  # main_guard prints "interrupted: <this>"
+        raise KeyboardInterrupt(f"the {len(new_entries)} images encoded so far are cached; re-run to encode "
+                                "the rest")
     if failure:
         raise CacheWriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
                               "space and re-run to encode the rest")

@@ -79,7 +79,7 @@ def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsy
         return main
 
     for exc, code in [(ConfigError("batch_size=0: must be > 0"), 2), (FileNotFoundError("x.png: gone"), 2),
-                      (KeyboardInterrupt(), 130)]:
+                      (KeyboardInterrupt(), 130), (KeyboardInterrupt("the 3 images are cached"), 130)]:
         with pytest.raises(SystemExit) as e:
             main_guard(fails(exc))
         err = capsys.readouterr().err
