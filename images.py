@@ -7,6 +7,9 @@ orientation applied; a caption is the .txt or .caption file of the same stem. A 
 which preprocess.py and check_cache.py report in one line and go on.
 """
 import codecs
+import csv
+import functools
+import json
 import math
 import os
 
@@ -15,6 +18,8 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTS = (".txt", ".caption")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder captions, one file per folder
+CAPTION_COLUMNS = ("text", "caption", "prompt")
 
 
 class Skip(Exception):
@@ -116,14 +121,67 @@ def caption_path_for(image_path: str):
     return None
 
 
-def read_caption(image_path: str) -> str:
-    """The caption beside an image, whitespace collapsed; Skip if missing, empty or not UTF-8.
+@functools.lru_cache(maxsize=64)
+def _metadata_table(path: str, stamp: str) -> dict:
+    """{file_name (POSIX, relative to the file's folder): caption} of a metadata.jsonl / metadata.csv.
+    stamp (size and mtime) is part of the cache key, so an edited file is read again."""
+    table = {}
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a bad line costs its own image's caption, not the file's
+                    continue
+        else:
+            rows = list(csv.DictReader(f))
+    for row in rows:
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+            continue
+        text = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
+        if text is not None:
+            table[os.path.normpath(row["file_name"]).replace(os.sep, "/")] = text
+    return table
 
-    UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too; a UTF-8 BOM is dropped.
+
+def metadata_caption(image_path: str):
+    """(metadata file, caption) from a Hugging Face imagefolder metadata.jsonl / metadata.csv (columns
+    file_name and text, caption or prompt) in the image's folder or a folder above it; (None, None)."""
+    folder, rel = os.path.split(os.path.abspath(image_path))
+    while True:
+        for name in METADATA_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                st = os.stat(path)
+                try:
+                    table = _metadata_table(path, f"{st.st_size}:{st.st_mtime_ns}")
+                except (OSError, UnicodeDecodeError, csv.Error):
+                    continue
+                if rel in table:
+                    return path, table[rel]
+        parent, name = os.path.split(folder)
+        if parent == folder:
+            return None, None
+        folder, rel = parent, f"{name}/{rel}"
+
+
+def read_caption(image_path: str) -> str:
+    """The caption of an image, whitespace collapsed; Skip if missing, empty or not UTF-8.
+
+    From stem.txt / stem.caption beside it, else from a metadata.jsonl / metadata.csv (Hugging Face
+    imagefolder layout). UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too.
     """
     path = caption_path_for(image_path)
     if path is None:
-        raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it")
+        meta, text = metadata_caption(image_path)
+        if meta is None:
+            raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it and no entry "
+                                          f"in a {' or '.join(METADATA_FILES)}")
+        text = " ".join(text.split())
+        if not text:
+            raise Skip("empty caption", f"its caption in {os.path.basename(meta)} is empty")
+        return text
     try:
         with open(path, "rb") as f:
             raw = f.read()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images, load_image, make_buckets,
-                    read_caption, resize_and_crop, upscale_needed)
+                    metadata_caption, read_caption, resize_and_crop, upscale_needed)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -52,12 +52,17 @@ class CacheError(ConfigError):
 
 
 def fingerprint(image_path: str) -> str:
-    """Size and mtime of the image and of its caption: a change to either re-encodes the sample."""
+    """Size and mtime of the image and of its caption file (a hash of its caption when that comes from a
+    metadata.jsonl/csv, so editing one row re-encodes one image): a change re-encodes the sample."""
     def stamp(p):
         st = os.stat(p)
         return f"{st.st_size}:{st.st_mtime_ns}"
     cap = caption_path_for(image_path)
-    return f"{stamp(image_path)}|{os.path.basename(cap) + ':' + stamp(cap) if cap else 'no caption'}"
+    if cap:
+        return f"{stamp(image_path)}|{os.path.basename(cap)}:{stamp(cap)}"
+    meta, text = metadata_caption(image_path)
+    caption = f"{os.path.basename(meta)}:{hashlib.sha1(text.encode()).hexdigest()[:12]}" if meta else "no caption"
+    return f"{stamp(image_path)}|{caption}"
 
 
 def cache_name(source: str) -> str:

@@ -155,6 +155,36 @@ def test_big_jpegs_decode_at_a_reduced_scale_with_the_same_result(tmp_path):
         assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 6
 
 
+def test_captions_from_a_hugging_face_metadata_file(tmp_path, t5_dir, monkeypatch):
+    """imagefolder layout: metadata.jsonl (or .csv) with file_name + text/caption/prompt, relative to its
+    folder; a .txt beside an image wins; editing one row re-encodes that image only."""
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    os.makedirs(data / "train" / "more")
+    for name in ["train/a.png", "train/b.png", "train/more/c.png", "train/d.png", "train/e.png", "f.png"]:
+        make_image(32, 32).save(data / name)
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "more/c.png", "caption": "a  blue circle"},
+            {"file_name": "b.png", "text": "ignored: b.txt wins"}, {"file_name": "d.png", "text": "  "}]
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps(["not", "a", "row"])]
+    (data / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    (data / "train" / "b.txt").write_text("a green star")
+    (data / "metadata.csv").write_text("file_name,prompt\nf.png,a yellow triangle\n")
+    manifest = P.ensure_cache(cfg)
+    captions = {s: torch.load(os.path.join(cfg.cache_dir, e["file"]), weights_only=True)["caption"]
+                for s, e in manifest["entries"].items()}
+    assert captions == {"train/a.png": "a red square", "train/b.png": "a green star",
+                        "train/more/c.png": "a blue circle", "f.png": "a yellow triangle"}
+    assert manifest["skipped"]["train/d.png"]["reason"] == "empty caption"
+    assert manifest["skipped"]["train/e.png"]["reason"] == "missing caption"
+    encoded = record_encoded(monkeypatch)
+    rows[0]["text"] = "a large red square"
+    (data / "train" / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    again = P.ensure_cache(cfg)
+    assert encoded == ["train/a.png"]
+    assert torch.load(os.path.join(cfg.cache_dir, again["entries"]["train/a.png"]["file"]),
+                      weights_only=True)["caption"] == "a large red square"
+
+
 def test_find_images_follows_linked_folders_once(tmp_path):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     os.makedirs(data / "sub")
