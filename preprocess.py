@@ -4,8 +4,9 @@
     torchrun --nproc_per_node=4 preprocess.py flowers        # each rank encodes files[rank::4]
 
 Reads cfg.data_dir recursively: images (png, jpg, jpeg, webp) with a caption in a sibling .txt or
-.caption file of the same stem, or in a metadata.jsonl / metadata.csv (Hugging Face imagefolder). Each image goes to the aspect-ratio bucket nearest its own (area about
-target_resolution**2, sides multiples of bucket_align, the NovelAI/SDXL multi-aspect scheme), is
+.caption file of the same stem, or in a metadata.jsonl / metadata.csv (Hugging Face imagefolder).
+Each image goes to the aspect-ratio bucket nearest its own (area about target_resolution**2, sides
+multiples of bucket_align, the NovelAI/SDXL multi-aspect scheme), is
 resized to cover it (Lanczos) and centre-cropped, then encoded. cfg.cache_dir gets one .pt per image
 (latents (C, h, w) float32 after scale/shift, text (L, D) bf16, mask (L,) bool, bucket, caption,
 source) and manifest.json (the settings, per-channel latent mean/std, one entry per image). A caption

@@ -79,7 +79,8 @@ def test_fourier_losses_have_finite_gradients_from_the_zero_initialised_output(p
     amp, corr = O.fourier_losses(x, x)
     assert amp.item() < 1e-10 and abs(corr.item()) < 1e-6
     assert abs(O.fourier_losses(2 * x, x)[1].item()) < 1e-6
-    torch.testing.assert_close(O.fourier_losses(x, torch.zeros_like(x))[0], torch.fft.rfft2(x, norm="ortho").abs().pow(2).mean())
+    torch.testing.assert_close(O.fourier_losses(x, torch.zeros_like(x))[0],
+                               torch.fft.rfft2(x, norm="ortho").abs().pow(2).mean())
 
 
 def test_x_prediction_loss_is_on_the_implied_velocity():
