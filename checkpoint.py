@@ -39,26 +39,34 @@ def set_rng_state(state: dict, gen):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(cfg: Config, state: dict) -> str:
-    """Write step_XXXXXXX.pt atomically, then drop all but the newest keep_checkpoints.
+class WriteError(OSError):
+    """A file could not be written (a full disk); the message names it."""
 
-    A failed write (a full disk: torch raises RuntimeError there, not OSError) removes its temp file and
-    raises OSError naming the file; the checkpoints already written are untouched.
-    """
+
+def write_atomic(path: str, write, what: str = "") -> int:
+    """write(tmp) into path + ".tmp", then rename it to path (a kill never leaves half a file); returns
+    the size. A failure (a full disk: torch.save raises RuntimeError there, not OSError) removes the temp
+    file and raises WriteError naming path; whatever was at path before is untouched."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise WriteError(f"{path}: {what}not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
+                         "is the disk full?)") from None
+    return os.path.getsize(path)
+
+
+def save_checkpoint(cfg: Config, state: dict) -> str:
+    """Write step_XXXXXXX.pt atomically (write_atomic), then drop all but the newest keep_checkpoints."""
     d = checkpoint_dir(cfg)
     os.makedirs(d, exist_ok=True)
     for stale in [n for n in os.listdir(d) if n.endswith(".pt.tmp")]:  # left by a killed run
         os.remove(os.path.join(d, stale))
     path = os.path.join(d, f"step_{state['step']:07d}.pt")
-    tmp = path + ".tmp"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # atomic: a kill leaves either the old set or the new file, never half
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(f"{path}: checkpoint not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
-                      "is the disk full?)") from None
+    write_atomic(path, lambda tmp: torch.save(state, tmp), what="checkpoint ")
     for old in list_checkpoints(cfg)[:-cfg.keep_checkpoints]:
         os.remove(old)
     return path

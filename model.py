@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import write_atomic
 from layers import (TIME_FREQ_DIM, Block, FinalLayer, GlobalFourierFilter, RMSNorm, fractional_position_embedding,
                     joint_positions, rope_angles, timestep_features)
 
@@ -232,20 +233,16 @@ class SingleStreamDiT(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         weights, cfg = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, weights + ".tmp")
-            with open(cfg + ".tmp", "w") as f:
-                json.dump(asdict(self.dc), f, indent=2)
-        except Exception as e:  # e.g. a full disk: leave the previous export as it was, and no temp files
-            for tmp in (weights + ".tmp", cfg + ".tmp"):
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            raise OSError(f"{weights}: model not written ({str(e).splitlines()[0][:100]})") from None
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_atomic(weights, lambda tmp: save_file(state, tmp), what="model ")  # a full disk: one line
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(weights + ".tmp", 0o666 & ~umask)  # safetensors writes 0600; others may share the run
-        os.replace(weights + ".tmp", weights)
-        os.replace(cfg + ".tmp", cfg)
+        os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; others may share the run
+
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(asdict(self.dc), f, indent=2)
+        write_atomic(cfg, dump)
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu") -> "SingleStreamDiT":

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from checkpoint import WriteError, write_atomic
 from config import Config, ConfigError, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images, load_image, make_buckets,
                     metadata_caption, read_caption, resize_and_crop, upscale_needed)
@@ -90,31 +91,12 @@ def load_manifest(cache_dir: str):
     return manifest
 
 
-class CacheWriteError(OSError):
-    """A cache file could not be written (a full disk)."""
-
-
 class EncodingStopped(Exception):
     """encode_files stopped early (a full disk, Ctrl-C): why, and what it had encoded until then."""
 
     def __init__(self, cause, entries, skipped):
         super().__init__(str(cause))
         self.cause, self.entries, self.skipped = cause, entries, skipped
-
-
-def write_atomic(path: str, write) -> int:
-    """write(tmp) into a temp file, then rename it to path (a kill never leaves half a file); returns
-    the size. A failure (a full disk: torch.save raises RuntimeError there) removes the temp file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise CacheWriteError(f"{path}: not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
-                              "is the disk full?)") from None
-    return os.path.getsize(path)
 
 
 def write_manifest(cache_dir: str, manifest: dict):
@@ -257,7 +239,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                 flush(bucket)
         for bucket in list(pending):
             flush(bucket)
-    except (CacheWriteError, KeyboardInterrupt) as e:  # stop; the caller records what was written
+    except (WriteError, KeyboardInterrupt) as e:  # stop; the caller records what was written
         raise EncodingStopped(e, entries, skipped) from None
     finally:
         bar.close()
@@ -324,7 +306,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             todo.append(source)
     removed = len(set(old_entries) - set(sources))
 
-    failure = None  # what stopped encoding early: a CacheWriteError (full disk) or KeyboardInterrupt
+    failure = None  # what stopped encoding early: a WriteError (full disk) or KeyboardInterrupt
     # scale/shift come from the VAE when one is loaded; pixel space is the identity
     scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
     if cfg.latent_space == "pixel":
@@ -372,7 +354,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         raise KeyboardInterrupt(f"the {len(new_entries)} images encoded so far are cached; re-run to encode "
                                 "the rest")
     if failure:
-        raise CacheWriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
+        raise WriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
                               "space and re-run to encode the rest")
     return manifest
 
