@@ -1,5 +1,5 @@
-"""Checkpoints: plain dicts written atomically (temp file + rename), the newest K kept, and resume; a
-fresh run sets an earlier run in its folder aside.
+"""Checkpoints: plain dicts written atomically (write_atomic: temp file + rename, also used for the cache and
+the model export), the newest K kept, and resume; a fresh run sets an earlier run in its folder aside.
 
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
 resolved config (train.py builds it); the learning rate is a function of the step (train.lr_at).
