@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")  # GIF/TIFF: frame 1
 CAPTION_EXTS = (".txt", ".caption")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder captions, one file per folder
 CAPTION_COLUMNS = ("text", "caption", "prompt")
@@ -146,10 +146,12 @@ def _metadata_table(path: str, stamp: str) -> dict:
     return table
 
 
-def metadata_caption(image_path: str):
+def metadata_caption(image_path: str, root: str = None):
     """(metadata file, caption) from a Hugging Face imagefolder metadata.jsonl / metadata.csv (columns
-    file_name and text, caption or prompt) in the image's folder or a folder above it; (None, None)."""
+    file_name and text, caption or prompt) in the image's folder or a folder above it, up to root (the
+    data folder; None: up to the filesystem's root); (None, None) if there is none."""
     folder, rel = os.path.split(os.path.abspath(image_path))
+    top = os.path.abspath(root) if root else None
     while True:
         for name in METADATA_FILES:
             path = os.path.join(folder, name)
@@ -162,20 +164,20 @@ def metadata_caption(image_path: str):
                 if rel in table:
                     return path, table[rel]
         parent, name = os.path.split(folder)
-        if parent == folder:
+        if parent == folder or folder == top:
             return None, None
         folder, rel = parent, f"{name}/{rel}"
 
 
-def read_caption(image_path: str) -> str:
+def read_caption(image_path: str, root: str = None) -> str:
     """The caption of an image, whitespace collapsed; Skip if missing, empty or not UTF-8.
 
     From stem.txt / stem.caption beside it, else from a metadata.jsonl / metadata.csv (Hugging Face
-    imagefolder layout). UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too.
+    imagefolder layout; looked for up to root). UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too.
     """
     path = caption_path_for(image_path)
     if path is None:
-        meta, text = metadata_caption(image_path)
+        meta, text = metadata_caption(image_path, root)
         if meta is None:
             raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it and no entry "
                                           f"in a {' or '.join(METADATA_FILES)}")

@@ -53,7 +53,11 @@ class CacheError(ConfigError):
     """The cache is missing, damaged, or was built with other settings; the message names which."""
 
 
-def fingerprint(image_path: str) -> str:
+class ManifestUnreadable(CacheError):
+    """A damaged manifest or one of another version: preprocess re-encodes everything (like --force)."""
+
+
+def fingerprint(image_path: str, root: str = None) -> str:
     """Size and mtime of the image and of its caption file (a hash of its caption when that comes from a
     metadata.jsonl/csv, so editing one row re-encodes one image): a change re-encodes the sample."""
     def stamp(p):
@@ -62,7 +66,7 @@ def fingerprint(image_path: str) -> str:
     cap = caption_path_for(image_path)
     if cap:
         return f"{stamp(image_path)}|{os.path.basename(cap)}:{stamp(cap)}"
-    meta, text = metadata_caption(image_path)
+    meta, text = metadata_caption(image_path, root)
     caption = f"{os.path.basename(meta)}:{hashlib.sha1(text.encode()).hexdigest()[:12]}" if meta else "no caption"
     return f"{stamp(image_path)}|{caption}"
 
@@ -84,10 +88,11 @@ def load_manifest(cache_dir: str):
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise CacheError(f"{path}: unreadable manifest ({e}); run python preprocess.py ... --force") from None
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise CacheError(f"{path}: manifest version {manifest.get('version')} (expected {MANIFEST_VERSION}); "
-                         "rebuild with python preprocess.py ... --force")
+        raise ManifestUnreadable(f"{path}: unreadable manifest ({e}); python preprocess.py rebuilds it") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        version = manifest.get("version") if isinstance(manifest, dict) else None
+        raise ManifestUnreadable(f"{path}: manifest version {version} (expected {MANIFEST_VERSION}); "
+                                 "python preprocess.py rebuilds it")
     return manifest
 
 
@@ -150,7 +155,7 @@ def cache_file_intact(cache_dir: str, entry: dict) -> bool:
 def prepare(cfg: Config, source: str, buckets) -> tuple:
     """(bucket, image resized and cropped to it, caption) for one source; Skip for bad input."""
     path = os.path.join(cfg.data_dir, source)
-    caption = read_caption(path)
+    caption = read_caption(path, cfg.data_dir)
     img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
     bucket = bucket_for(img.width, img.height, buckets)
     up = upscale_needed(img.width, img.height, bucket)
@@ -219,7 +224,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             size = write_atomic(os.path.join(cfg.cache_dir, name), lambda tmp: torch.save(item, tmp))
             z64 = z.double().flatten(1)                                      # (C, h*w)
             entries[source] = {"file": name, "bytes": size,
-                               "fingerprint": fingerprint(os.path.join(cfg.data_dir, source)),
+                               "fingerprint": fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir),
                                "bucket": list(bucket), "latent_shape": list(z.shape),
                                "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
@@ -230,7 +235,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             bar.update(1)
             if isinstance(result, Skip):
                 path = os.path.join(cfg.data_dir, source)
-                skipped[source] = {"fingerprint": fingerprint(path), "reason": result.reason, "message": str(result)}
+                skipped[source] = {"fingerprint": fingerprint(path, cfg.data_dir), "reason": result.reason,
+                                   "message": str(result)}
                 tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
                 continue
             bucket, img, caption = result
@@ -277,7 +283,12 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         raise CacheError(f"data_dir={cfg.data_dir}: no such folder (put images + .txt captions there)")
     os.makedirs(cfg.cache_dir, exist_ok=True)
 
-    old = None if force else load_manifest(cfg.cache_dir)
+    old = None
+    if not force:
+        try:
+            old = load_manifest(cfg.cache_dir)
+        except ManifestUnreadable as e:
+            say(f"warning: {e}: re-encoding everything", file=sys.stderr)
     if old is not None:
         check_manifest(cfg, old)
         if old.get("data_dir") != cfg.data_dir:  # another folder: nothing in the old cache is known to match
@@ -292,7 +303,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
     kept, kept_skipped, todo = {}, {}, []
     for source in sources:
-        fp = fingerprint(os.path.join(cfg.data_dir, source))
+        fp = fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir)
         e, s = old_entries.get(source), old_skipped.get(source)
         if e and e["fingerprint"] == fp and cache_file_intact(cfg.cache_dir, e):
             kept[source] = e

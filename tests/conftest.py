@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny shapes data set with its cache, and a tiny trained run (built once per session)."""
 import os
+import socket
 import sys
 
 import pytest
@@ -8,6 +9,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def on_a_free_port(run, attempts=3):
+    """run(port) -> output, for a two-process test: on a port found free just before, and again on another
+    if a process elsewhere took it in between (the output says 'address already in use')."""
+    for _ in range(attempts):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = run(port)
+        if "address already in use" not in out.lower():
+            return out
+    return out
 
 
 @pytest.fixture(scope="session")

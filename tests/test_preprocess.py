@@ -132,6 +132,11 @@ def test_gray_palette_cmyk_16bit_and_1bit_become_rgb(tmp_path):
     a = save_and_load(sixteen, tmp_path, "16.png")
     assert a[..., 0].tolist() == [[255, 128], [0, 1]]
     assert save_and_load(Image.new("1", (4, 4), 1), tmp_path, "1.png")[0, 0].tolist() == [255] * 3
+    frames = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]  # an animated GIF: its first frame
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
+    assert np.asarray(images.load_image(str(tmp_path / "a.gif")))[0, 0].tolist() == [255, 0, 0]
+    for name in ("f.tiff", "f.bmp", "f.avif"):
+        assert save_and_load(Image.new("RGBA", (4, 4), (0, 0, 255, 255)), tmp_path, name)[0, 0, 2] > 240
 
 
 def test_big_jpegs_decode_at_a_reduced_scale_with_the_same_result(tmp_path):
@@ -169,6 +174,7 @@ def test_captions_from_a_hugging_face_metadata_file(tmp_path, t5_dir, monkeypatc
     (data / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     (data / "train" / "b.txt").write_text("a green star")
     (data / "metadata.csv").write_text("file_name,prompt\nf.png,a yellow triangle\n")
+    (tmp_path / "metadata.csv").write_text("file_name,text\ndata/train/e.png,above the data folder: not used\n")
     manifest = P.ensure_cache(cfg)
     captions = {s: torch.load(os.path.join(cfg.cache_dir, e["file"]), weights_only=True)["caption"]
                 for s, e in manifest["entries"].items()}
@@ -189,7 +195,8 @@ def test_find_images_follows_linked_folders_once(tmp_path):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     os.makedirs(data / "sub")
     os.makedirs(elsewhere)
-    for folder, name in [(data, "a.png"), (data / "sub", "b.JPG"), (elsewhere, "c.webp")]:
+    for folder, name in [(data, "a.png"), (data / "sub", "b.JPG"), (elsewhere, "c.webp"), (data, "d.tiff"),
+                         (data, "e.bmp"), (data, "f.gif")]:
         make_image(8, 8).save(folder / name)
     (data / "sub" / "notes.txt").write_text("not an image")
     os.symlink(data, data / "sub" / "back_up")       # a loop
@@ -197,7 +204,7 @@ def test_find_images_follows_linked_folders_once(tmp_path):
     os.symlink(elsewhere, data / "sub" / "again")    # the same folder through a second link
     os.makedirs(data / ".hidden")
     make_image(8, 8).save(data / ".hidden" / "d.png")
-    assert images.find_images(str(data)) == ["a.png", "linked/c.webp", "sub/b.JPG"]
+    assert images.find_images(str(data)) == ["a.png", "d.tiff", "e.bmp", "f.gif", "linked/c.webp", "sub/b.JPG"]
 
 
 def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
@@ -424,10 +431,13 @@ def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
         P.check_manifest(pixel_cfg(tmp_path, t5_dir, target_resolution=48), manifest)
     rebuilt = P.ensure_cache(other, force=True)
     assert rebuilt["max_token_length"] == 6 and len(rebuilt["entries"]) == 2
-    with open(os.path.join(cfg.cache_dir, "manifest.json"), "w") as f:
-        f.write("{not json")
-    with pytest.raises(P.CacheError, match="manifest.json"):
-        P.load_manifest(cfg.cache_dir)
+    for damage in ("{not json", "[1, 2]", '{"version": 0}'):  # damaged, or from another version
+        with open(os.path.join(cfg.cache_dir, "manifest.json"), "w") as f:
+            f.write(damage)
+        with pytest.raises(P.CacheError, match="manifest.json.*python preprocess.py rebuilds it"):
+            P.load_manifest(cfg.cache_dir)
+    repaired = P.ensure_cache(other)  # preprocess (and so train.py) re-encodes everything
+    assert repaired["entries"] == rebuilt["entries"] and P.load_manifest(cfg.cache_dir) == repaired
 
 
 def test_split_for_rank_is_disjoint_and_covers_everything():
@@ -483,24 +493,28 @@ def test_shapes_source_generates_then_caches(tmp_path):
 
 def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir):
     """torchrun-style: two processes (gloo on CPU) each encode half; rank 0 writes the manifest."""
-    import socket
     import subprocess
+    from conftest import on_a_free_port
     cfg = pixel_cfg(tmp_path, t5_dir)
     names = make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48), (64, 40)])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     args = ["tiny", "data_source=folder", f"data_dir={cfg.data_dir}", f"cache_dir={cfg.cache_dir}",
             "target_resolution=32", f"text_encoder={t5_dir}", "text_dim=32", "max_token_length=8"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                   "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
-             for r in range(2)]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    outs, codes = [], []
+
+    def run(port):
+        procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                       "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+                 for r in range(2)]
+        outs[:] = [p.communicate(timeout=180)[0] for p in procs]
+        codes[:] = [p.returncode for p in procs]
+        return "\n".join(outs)
+
+    on_a_free_port(run)
+    assert codes == [0, 0], outs
     assert "5 samples" in outs[0] and "5 encoded" in outs[0] and "samples" not in outs[1]  # rank 0 reports
     manifest = P.load_manifest(cfg.cache_dir)
     assert sorted(manifest["entries"]) == sorted(names)

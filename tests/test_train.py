@@ -174,11 +174,19 @@ def SingleStreamDiT_from(run_dir):
 
 
 def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path):
+    from conftest import on_a_free_port
     args = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="ddp")
-    proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                       "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()])
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
+    codes = []
+
+    def run(port):
+        proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()])
+        out, _ = proc.communicate(timeout=300)
+        codes[:] = [proc.returncode]
+        return out
+
+    out = on_a_free_port(run)
+    assert codes == [0], out
     run = os.path.join(str(tmp_path), "ddp")
     with open(os.path.join(run, "log.csv")) as f:
         rows = list(csv.DictReader(f))
