@@ -81,7 +81,7 @@ class TrainStep:
         self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
 
     def phases(self):
-        """The step as (name, callable) phases: forward, backward, optimiser update (as train.py, its sync too)."""
+        """The step as (name, callable) phases: forward, backward, optimiser update (as train.py)."""
         loss = []
 
         def forward():

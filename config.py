@@ -112,7 +112,7 @@ class Config:
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     num_workers: int = 0               # DataLoader workers
     trim_text: bool = True             # cut text to the longest caption in the batch (same output, faster)
-    max_nonfinite: int = 5             # non-finite losses in a row before the run stops
+    max_nonfinite: int = 5             # non-finite losses in a row that stop the run (checked on logging steps)
     # --- logging, validation, checkpoints ---
     log_every: int = 25                # steps between CSV log lines
     val_every: int = 500               # steps between validation loss + sample grids (0 = end only)

@@ -70,21 +70,35 @@ def adamw8bit_class():
 
 
 def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int):
-    """Clip, and unless the gradient is non-finite, step the optimiser and the EMA.
+    """Clip, then step the optimiser and the EMA, unless the gradient is non-finite (a NaN or inf loss gives
+    a non-finite norm): then the step is skipped, weights, optimiser state and EMA left as they were.
 
-    Returns (grad_norm tensor, stepped). The finiteness check is the step's one host-device sync.
+    Returns (grad_norm, finite), 0-dim tensors on the device. Fused torch AdamW skips on the device (its
+    found_inf input, as under GradScaler; the EMA moves by a weight of 0), so the step needs no host-device
+    sync. bitsandbytes has no such input: for adamw8bit the check reads the norm on the host, one sync a step.
     """
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if not torch.isfinite(grad_norm):  # a non-finite loss gives a non-finite norm: skip the step
-        return grad_norm, False
-    optimizer.step()
-    update_ema(ema_model, model, min(cfg.ema_decay, (1 + step) / (10 + step)))
-    return grad_norm, True
+    finite = torch.isfinite(grad_norm)
+    ema_weight = 1 - min(cfg.ema_decay, (1 + step) / (10 + step))
+    if skips_on_device(optimizer):
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        update_ema(ema_model, model, finite * ema_weight)
+    elif finite:  # the host-device sync
+        optimizer.step()
+        update_ema(ema_model, model, ema_weight)
+    return grad_norm, finite
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimiser can skip a step given a found_inf tensor (torch's fused AdamW can)."""
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 
 @torch.no_grad()
-def update_ema(ema_model, model, decay: float):
+def update_ema(ema_model, model, weight):
+    """ema += weight * (model - ema), in fp32; weight = 1 - decay, a float or a 0-dim tensor."""
     ema_params = list(ema_model.parameters())
     params = [p.detach().float() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1 - decay)
+    torch._foreach_lerp_(ema_params, params, weight)

@@ -210,7 +210,7 @@ def train(cfg: Config) -> dict:
     ema_model.load_state_dict(model.state_dict())
     optimizer = make_optimizer(model, cfg)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
-    step, epoch, batch_in_epoch, nonfinite = 0, 0, 0, 0
+    step, epoch, batch_in_epoch = 0, 0, 0
 
     if resume_path:
         try:
@@ -227,7 +227,9 @@ def train(cfg: Config) -> dict:
         print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
 
     train_model = compile_for_training(model, cfg, device)
+    host_group = None  # the collectives on host values: the default group unless that one is NCCL (GPU only)
     if world > 1:
+        host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -286,7 +288,9 @@ def train(cfg: Config) -> dict:
     # running sums stay on the device: no host-device sync until a logging step
     bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
     loss_sum, loss_n = torch.zeros((), device=device), 0
-    status, unsaved = "done", None  # unsaved: why the last checkpoint could not be written
+    # skipped (non-finite) steps since the last log line, the current run of them, the longest run
+    skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+    status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -322,26 +326,28 @@ def train(cfg: Config) -> dict:
             loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
             s, c = S.loss_per_bucket(per_sample.float(), t, 4)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
-        grad_norm, stepped = optimizer_update(model, ema_model, optimizer, cfg, step)
-        if stepped:
-            nonfinite = 0
-        else:
-            nonfinite += 1
-            if master:
-                tqdm.write(f"step {step}: non-finite loss/gradient, step skipped ({nonfinite} in a row)")
-            if nonfinite >= cfg.max_nonfinite:
-                status = f"stopped: {nonfinite} non-finite steps in a row (last good checkpoint kept)"
-                break
+        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step)
+        streak = torch.where(finite, 0, streak + 1)  # counted on the device: read on logging steps only
+        skipped, longest = skipped + streak.clamp(max=1), torch.maximum(longest, streak)
         step += 1
         bar.update(1)
 
-        # log
+        # log (every rank reads the skip counts: they all stop at the same step)
+        if step % cfg.log_every == 0 or last_step:
+            n_skipped, n_longest = torch.stack([skipped, longest]).tolist()
+            skipped, longest = torch.zeros_like(skipped), streak.clone()
+            if n_skipped and master:
+                tqdm.write(f"step {step}: {n_skipped} non-finite loss/gradient step(s) skipped since the last "
+                           f"log line ({n_longest} in a row)")
+            if n_longest >= cfg.max_nonfinite:
+                status = f"stopped: {n_longest} non-finite steps in a row (last good checkpoint kept)"
+                diverged = True
         if master and (step % cfg.log_every == 0 or last_step):
             elapsed = time.time() - t_log
             mean_loss = (loss_sum / max(loss_n, 1)).item()
             row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
-                   "nonfinite": nonfinite,
+                   "nonfinite": n_skipped,
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
             sums, counts = bucket_sums.tolist(), bucket_counts.tolist()
             for i in range(4):
@@ -353,6 +359,8 @@ def train(cfg: Config) -> dict:
             t_log, images_since_log = time.time(), 0
             bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
             loss_sum, loss_n = torch.zeros((), device=device), 0
+        if diverged:
+            break
 
         # evaluate / sample
         if master and ((cfg.val_every and step % cfg.val_every == 0) or last_step):
@@ -364,8 +372,8 @@ def train(cfg: Config) -> dict:
         if cfg.max_minutes > 0:
             time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
         if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
-            flags = torch.tensor([stop["signal"] or 0, time_frac], device=device, dtype=torch.float64)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = torch.tensor([stop["signal"] or 0, time_frac], dtype=torch.float64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU: no wait for the GPU
             stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
         out_of_time = time_frac >= 1.0
         if stop["signal"] is not None:

@@ -90,6 +90,21 @@ def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
     with open(os.path.join(cfg.run_dir, "log.csv")) as f:
         nonfinite = [int(r["nonfinite"]) for r in csv.DictReader(f)]
     assert 1 in nonfinite
+    # the counts are read on logging steps: a run of bad steps 3-6 spans two log lines and is counted whole
+    calls["n"] = 0
+
+    def bad_in_steps_3_to_6(*args, **kwargs):
+        loss, per_sample, t = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if 3 <= calls["n"] <= 6 else loss), per_sample, t
+
+    monkeypatch.setattr(T, "flow_matching_loss", bad_in_steps_3_to_6)
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=20, max_nonfinite=4, log_every=4,
+                                           run_name="late"))
+    result = T.train(cfg)
+    assert result["status"].startswith("stopped: 4 non-finite") and result["step"] == 8
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:
+        assert [(int(r["step"]), int(r["nonfinite"])) for r in csv.DictReader(f)] == [(4, 2), (8, 2)]
 
 
 def wait_for(predicate, proc, timeout=240):
@@ -318,6 +333,46 @@ def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes():
         sa, sb = opt_a.state[pa], opt_b.state[pb]
         assert sa.keys() == sb.keys() and sa["step"] == sb["step"] == 3 and "state1" in sa
         assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_a_non_finite_gradient_skips_the_step_on_the_device_like_the_host_check(optimizer, monkeypatch):
+    """optimizer_update with fused AdamW decides on the device (found_inf, an EMA weight of 0): it must give
+    exactly what the host-side check gives (the adamw8bit path): a NaN or inf step changes nothing at all."""
+    import optim
+    from model import DiTConfig, SingleStreamDiT
+    cfg = get_config("tiny", optimizer=optimizer, hidden_size=64, num_heads=2, grad_clip=1.0)
+    torch.manual_seed(0)
+    models = [SingleStreamDiT(DiTConfig.from_config(cfg)) for _ in range(4)]  # a, its EMA, b, its EMA
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    (a, ema_a, b, ema_b), opt_a, opt_b = models, T.make_optimizer(models[0], cfg), T.make_optimizer(models[2], cfg)
+    assert optim.skips_on_device(opt_a) == (optimizer == "adamw")
+    on_device = optim.skips_on_device
+    gen = torch.Generator().manual_seed(1)
+
+    def state(m, ema, opt):
+        return ([p.detach().clone() for p in m.parameters()] + [p.clone() for p in ema.parameters()]
+                + [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)])
+
+    for bad in (None, float("nan"), None, float("inf"), float("nan"), None):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            pa.grad = torch.randn(pa.shape, generator=gen)
+            if bad is not None and pa is next(a.parameters()):
+                pa.grad[0] = bad  # one bad value anywhere makes the norm non-finite
+            pb.grad = pa.grad.clone()
+        before = state(a, ema_a, opt_a)
+        monkeypatch.setattr(optim, "skips_on_device", on_device)
+        norm_a, finite_a = optim.optimizer_update(a, ema_a, opt_a, cfg, step=5)
+        monkeypatch.setattr(optim, "skips_on_device", lambda opt: False)  # the host-side check
+        norm_b, finite_b = optim.optimizer_update(b, ema_b, opt_b, cfg, step=5)
+        after_a, after_b = state(a, ema_a, opt_a), state(b, ema_b, opt_b)
+        assert bool(finite_a) == bool(finite_b) == (bad is None)
+        assert len(after_a) == len(after_b) and all(torch.equal(x, y) for x, y in zip(after_a, after_b))
+        changed = [not torch.equal(x, y) for x, y in zip(before, after_a)] if len(before) == len(after_a) else [1]
+        assert any(changed) == (bad is None)  # a good step moves weights, EMA and state; a bad one nothing
+    steps = {int(st["step"]) for st in opt_a.state.values()}
+    assert steps == {3}  # three good steps counted (bias correction), the skipped ones not
 
 
 def test_compile_for_training_regional_with_checkpointing_matches_eager():
