@@ -80,14 +80,17 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def decode_entries(cfg, manifest, n: int) -> list:
-    """Decode n entries spread over the cache; write <name>_decoded.png and <name>_source.png."""
+def decode_entries(cfg, manifest, n: int, bad=()) -> list:
+    """Decode n entries spread over the cache (leaving out the files in bad); write <name>_decoded.png and
+    <name>_source.png."""
     from latents import LatentSpace, images_to_tensor, tensor_to_images
-    sources = sorted(manifest["entries"])
-    if not sources or n <= 0:
+    bad = set(bad)
+    sources = [s for s in sorted(manifest["entries"])
+               if os.path.join(cfg.cache_dir, manifest["entries"][s]["file"]) not in bad]
+    n = min(n, len(sources))
+    if n <= 0:
         return []
-    picks = [sources[round(i * (len(sources) - 1) / max(n - 1, 1))] for i in range(min(n, len(sources)))]
-    picks = list(dict.fromkeys(picks))  # spread evenly, no duplicates
+    picks = [sources[int(i * (len(sources) - 1) / max(n - 1, 1) + 0.5)] for i in range(n)]  # evenly, distinct
     space = LatentSpace.from_config(cfg, stats=None)  # cached latents are before the optional mean/std
     out_dir = os.path.join(cfg.cache_dir, "check")
     os.makedirs(out_dir, exist_ok=True)
@@ -95,7 +98,11 @@ def decode_entries(cfg, manifest, n: int) -> list:
     for source in tqdm(picks, desc="decode", unit="img"):
         e = manifest["entries"][source]
         stem = os.path.splitext(e["file"])[0]
-        d = torch.load(os.path.join(cfg.cache_dir, e["file"]), map_location="cpu", weights_only=True)
+        try:
+            d = torch.load(os.path.join(cfg.cache_dir, e["file"]), map_location="cpu", weights_only=True)
+        except Exception as err:  # removed or damaged since the check
+            tqdm.write(f"warning: {e['file']}: cannot load it ({type(err).__name__}) - not decoded", file=sys.stderr)
+            continue
         decoded = space.decode(d["latents"][None].float()).clamp(-1, 1)          # (1, 3, H, W)
         decoded_path = os.path.join(out_dir, f"{stem}_decoded.png")
         tensor_to_images(decoded)[0].save(decoded_path)
@@ -131,10 +138,12 @@ def main():
         raise CacheError(f"cache_dir={cfg.cache_dir}: no cache there; run python preprocess.py first")
     check_manifest(cfg, manifest)
     stats = summarise_cache(cfg, manifest)
-    written = decode_entries(cfg, manifest, n_decode)
+    written = decode_entries(cfg, manifest, n_decode, stats["bad"])
     print(f"checked {len(manifest['entries'])} files ({len(stats['bad'])} damaged) in "
           f"{len(stats['per_bucket'])} buckets" + (f"; wrote {len(written)} PNGs to "
                                                    f"{os.path.join(cfg.cache_dir, 'check')}" if written else ""))
+    if stats["bad"]:  # for scripts: a damaged cache is a failure (preprocess.py re-encodes those files)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -315,6 +315,9 @@ def resolve_device(name: str = "auto"):
 def main_guard(main):
     """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2,
     Ctrl-C one line and exit code 130 (what was finished is kept: each script says what)."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, not as a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return main()
     except (ConfigError, OSError) as e:

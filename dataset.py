@@ -27,7 +27,7 @@ IN_MEMORY_MAX_BYTES = 2 * 1024 ** 3  # in_memory=None: load the whole cache into
 
 def split_fraction(source: str) -> float:
     """A stable number in [0, 1) per file name: the train/val split never moves when files are added."""
-    return int(hashlib.sha1(source.encode()).hexdigest()[:12], 16) / 16 ** 12
+    return int(hashlib.sha1(os.fsencode(source)).hexdigest()[:12], 16) / 16 ** 12
 
 
 def split_sources(sources, val_fraction: float):

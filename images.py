@@ -10,9 +10,12 @@ which preprocess.py and check_cache.py report in one line and go on.
 import codecs
 import csv
 import functools
+import io
 import json
 import math
 import os
+import sys
+import unicodedata
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -100,15 +103,21 @@ def load_image(path: str, min_side: int = 0) -> Image.Image:
     >= min_side: a 12 MP photo for a 448 px bucket decodes and resizes 2.6x faster, and the Lanczos
     resize after it still shrinks by 2x or more when min_side is twice the largest bucket side.
     """
-    if os.path.getsize(path) == 0:
-        raise Skip("unreadable", "empty file (0 bytes)")
     try:
+        if os.path.getsize(path) == 0:
+            raise Skip("unreadable", "empty file (0 bytes)")
         with Image.open(path) as img:
             if min_side and img.format == "JPEG":
                 img.draft(img.mode, (min_side, min_side))
             img.load()  # decode now, so a truncated file fails here
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
+    except Skip:
+        raise
+    except OSError as e:
+        if e.errno is not None:  # no permission, deleted meanwhile: not the file's content
+            raise Skip("not accessible", f"cannot read it ({e.strerror})") from None
+        raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bombs, bad EXIF
         raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
 
@@ -122,66 +131,116 @@ def caption_path_for(image_path: str):
     return None
 
 
+ZERO_WIDTH = "\u00ad\u200b\u2060\ufeff"  # soft hyphen, zero-width space, word joiner, stray BOM
+
+
+def decode_text(raw: bytes, name: str) -> str:
+    """Caption bytes -> str: UTF-8 (a BOM allowed), UTF-16 or UTF-32 with a BOM, or UTF-16 without one
+    (Windows tools write it; its NUL bytes give it away). Skip("caption not UTF-8") otherwise."""
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE starts both
+        encoding = "utf-32"
+    elif raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif len(raw) % 2 == 0 and max(raw[1::2].count(0), raw[::2].count(0)) >= max(1, len(raw) // 4):
+        # no BOM, but zero bytes in many odd (LE) or even (BE) places: mostly-ASCII UTF-16
+        encoding = "utf-16-le" if raw[1::2].count(0) >= raw[::2].count(0) else "utf-16-be"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise Skip("caption not UTF-8", f"{name} is not {'UTF-8' if encoding == 'utf-8-sig' else encoding.upper()} "
+                   f"(bad byte at {e.start})") from None
+
+
+def clean_caption(text: str) -> str:
+    """Control characters (NUL, escape codes), unpaired surrogates and zero-width characters dropped,
+    whitespace collapsed to single spaces."""
+    kept = (c for c in text if c.isspace() or (unicodedata.category(c) not in ("Cc", "Cs") and c not in ZERO_WIDTH))
+    return " ".join("".join(kept).split())
+
+
 @functools.lru_cache(maxsize=64)
-def _metadata_table(path: str, stamp: str) -> dict:
-    """{file_name (POSIX, relative to the file's folder): caption} of a metadata.jsonl / metadata.csv.
-    stamp (size and mtime) is part of the cache key, so an edited file is read again."""
+def _metadata_table(path: str, stamp: str) -> tuple:
+    """({file_name (POSIX, relative to the file's folder, NFC): caption}, None) of a metadata.jsonl /
+    metadata.csv, or ({}, what is wrong with it) (cached too: a broken file is read once). stamp (size and
+    mtime) is part of the cache key, so an edited file is read again. Column names are matched case-blind;
+    an unquoted comma in a CSV's last column (a.png,a red flower, in a garden) stays in the caption."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            text = decode_text(f.read(), name).replace("\r\n", "\n")
+    except OSError as e:
+        return {}, f"{name} cannot be read ({e.strerror})"
+    except Skip as e:
+        return {}, str(e)
+    if path.endswith(".jsonl"):
+        rows = []
+        for line in text.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a bad line costs its own image's caption, not the file's
+                continue
+    else:
+        csv.field_size_limit(2 ** 31 - 1)  # one long caption must not cost the whole file
+        try:
+            reader = csv.DictReader(io.StringIO(text), restkey="\0rest")
+            rows = list(reader)
+        except csv.Error as e:
+            return {}, f"{name} is not a readable CSV ({e})"
+        last = (reader.fieldnames or [""])[-1]
+        for row in rows:
+            if row.get("\0rest") and isinstance(row.get(last), str):
+                row[last] = ",".join([row[last]] + row.pop("\0rest"))
     table = {}
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:  # a bad line costs its own image's caption, not the file's
-                    continue
-        else:
-            rows = list(csv.DictReader(f))
     for row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+        if not isinstance(row, dict):
             continue
-        text = next((row[c] for c in CAPTION_COLUMNS if isinstance(row.get(c), str)), None)
-        if text is not None:
-            table[os.path.normpath(row["file_name"]).replace(os.sep, "/")] = text
-    return table
+        row = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+        file_name = row.get("file_name")
+        captions = [str(row[c]) for c in CAPTION_COLUMNS if isinstance(row.get(c), (str, int, float))]
+        if isinstance(file_name, str) and captions:
+            key = unicodedata.normalize("NFC", os.path.normpath(file_name.replace("\\", "/")).replace(os.sep, "/"))
+            table[key] = next((c for c in captions if c.strip()), captions[0])  # the first non-blank one
+    return table, None
 
 
 def metadata_caption(image_path: str, root: str = None):
-    """(metadata file, caption) from a Hugging Face imagefolder metadata.jsonl / metadata.csv (columns
-    file_name and text, caption or prompt) in the image's folder or a folder above it, up to root (the
-    data folder; None: up to the filesystem's root); (None, None) if there is none."""
+    """(metadata file, caption, problem) from a Hugging Face imagefolder metadata.jsonl / metadata.csv
+    (columns file_name and text, caption or prompt) in the image's folder or a folder above it, up to root
+    (the data folder; None: up to the filesystem's root). (None, None, problem) if there is none; problem
+    names a metadata file on the way that could not be read (else None)."""
     folder, rel = os.path.split(os.path.abspath(image_path))
+    rel = unicodedata.normalize("NFC", rel)  # macOS names are NFD, a metadata file typed elsewhere NFC
     top = os.path.abspath(root) if root else None
+    problem = None
     while True:
         for name in METADATA_FILES:
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 st = os.stat(path)
-                try:
-                    table = _metadata_table(path, f"{st.st_size}:{st.st_mtime_ns}")
-                except (OSError, UnicodeDecodeError, csv.Error):
-                    continue
+                table, wrong = _metadata_table(path, f"{st.st_size}:{st.st_mtime_ns}")
+                problem = problem or wrong
                 if rel in table:
-                    return path, table[rel]
+                    return path, clean_caption(table[rel]), None
         parent, name = os.path.split(folder)
         if parent == folder or folder == top:
-            return None, None
+            return None, None, problem
         folder, rel = parent, f"{name}/{rel}"
 
 
 def read_caption(image_path: str, root: str = None) -> str:
-    """The caption of an image, whitespace collapsed; Skip if missing, empty or not UTF-8.
+    """The caption of an image, cleaned (clean_caption); Skip if missing, empty or undecodable.
 
     From stem.txt / stem.caption beside it, else from a metadata.jsonl / metadata.csv (Hugging Face
-    imagefolder layout; looked for up to root). UTF-16 with a byte-order mark (Windows Notepad's "Unicode") is read too.
+    imagefolder layout; looked for up to root). UTF-8, UTF-16 and UTF-32 are read (decode_text).
     """
     path = caption_path_for(image_path)
     if path is None:
-        meta, text = metadata_caption(image_path, root)
+        meta, text, problem = metadata_caption(image_path, root)
         if meta is None:
             raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it and no entry "
-                                          f"in a {' or '.join(METADATA_FILES)}")
-        text = " ".join(text.split())
+                                          f"in a {' or '.join(METADATA_FILES)}" + (f" ({problem})" if problem else ""))
         if not text:
             raise Skip("empty caption", f"its caption in {os.path.basename(meta)} is empty")
         return text
@@ -189,14 +248,8 @@ def read_caption(image_path: str, root: str = None) -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise Skip("unreadable caption", f"cannot read caption {os.path.basename(path)} ({e.strerror})") from None
-    utf16 = raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
-    try:
-        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise Skip("caption not UTF-8", f"caption {os.path.basename(path)} is not "
-                   f"{'UTF-16' if utf16 else 'UTF-8'} (bad byte at {e.start})") from None
-    text = " ".join(text.split())
+        raise Skip("not accessible", f"cannot read caption {os.path.basename(path)} ({e.strerror})") from None
+    text = clean_caption(decode_text(raw, f"caption {os.path.basename(path)}"))
     if not text:
         raise Skip("empty caption", f"caption {os.path.basename(path)} is empty")
     return text
@@ -207,7 +260,11 @@ def find_images(data_dir: str, skip_dir: str = None) -> list:
     found = []
     skip = os.path.abspath(skip_dir) if skip_dir else None
     seen = {os.path.realpath(data_dir)}  # linked folders are followed once: a link back up is no loop
-    for root, dirs, files in os.walk(data_dir, followlinks=True):
+    def unreadable(e):  # a folder that cannot be listed: say so (its images would silently be missing)
+        print(f"warning: {e.filename}: cannot list this folder ({e.strerror}) - its images are left out",
+              file=sys.stderr)
+
+    for root, dirs, files in os.walk(data_dir, followlinks=True, onerror=unreadable):
         keep = []
         for d in sorted(dirs):
             path = os.path.join(root, d)

@@ -42,6 +42,8 @@ from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images,
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+ENTRY_KEYS = {"file", "fingerprint", "bucket", "latent_shape", "tokens", "sum", "sumsq", "count"}
+RETRIED_SKIPS = ("not accessible",)  # tried again every run: a permission may be fixed, a file come back
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
 # The settings a cache is built with: using it with other values would be silently wrong data.
 CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
@@ -66,7 +68,7 @@ def fingerprint(image_path: str, root: str = None) -> str:
     cap = caption_path_for(image_path)
     if cap:
         return f"{stamp(image_path)}|{os.path.basename(cap)}:{stamp(cap)}"
-    meta, text = metadata_caption(image_path, root)
+    meta, text, _ = metadata_caption(image_path, root)
     caption = f"{os.path.basename(meta)}:{hashlib.sha1(text.encode()).hexdigest()[:12]}" if meta else "no caption"
     return f"{stamp(image_path)}|{caption}"
 
@@ -74,7 +76,7 @@ def fingerprint(image_path: str, root: str = None) -> str:
 def cache_name(source: str) -> str:
     """A flat, readable, collision-free file name for a source path: <stem>-<hash>.pt."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", os.path.splitext(os.path.basename(source))[0])[:48]
-    return f"{stem}-{hashlib.sha1(source.encode()).hexdigest()[:10]}.pt"
+    return f"{stem}-{hashlib.sha1(os.fsencode(source)).hexdigest()[:10]}.pt"  # fsencode: names not in UTF-8
 
 
 # --- the manifest --------------------------------------------------------------------------------------
@@ -92,6 +94,12 @@ def load_manifest(cache_dir: str):
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         version = manifest.get("version") if isinstance(manifest, dict) else None
         raise ManifestUnreadable(f"{path}: manifest version {version} (expected {MANIFEST_VERSION}); "
+                                 "python preprocess.py rebuilds it")
+    entries, skipped = manifest.get("entries"), manifest.get("skipped", {})
+    if not (isinstance(entries, dict) and isinstance(skipped, dict)
+            and all(isinstance(e, dict) and ENTRY_KEYS <= e.keys() for e in entries.values())
+            and all(isinstance(s, dict) and {"fingerprint", "reason"} <= s.keys() for s in skipped.values())):
+        raise ManifestUnreadable(f"{path}: damaged manifest (entries without the keys {sorted(ENTRY_KEYS)}); "
                                  "python preprocess.py rebuilds it")
     return manifest
 
@@ -137,6 +145,11 @@ def latent_stats(entries: dict, channels: int):
 
 # --- encoding ------------------------------------------------------------------------------------------
 
+def same_folder(a, b) -> bool:
+    """data_dir=data/x, data/x/ and /abs/data/x are one folder (a changed spelling must not re-encode)."""
+    return a is not None and os.path.realpath(a) == os.path.realpath(b)
+
+
 def split_for_rank(items: list, rank: int, world_size: int) -> list:
     """This rank's share of the work: items[rank::world_size] (disjoint, covers everything)."""
     return items[rank::world_size]
@@ -153,16 +166,25 @@ def cache_file_intact(cache_dir: str, entry: dict) -> bool:
 
 
 def prepare(cfg: Config, source: str, buckets) -> tuple:
-    """(bucket, image resized and cropped to it, caption) for one source; Skip for bad input."""
+    """(fingerprint, bucket, image resized and cropped to it, caption) for one source; Skip for bad input
+    (its .fingerprint set when the file could be stat'ed)."""
     path = os.path.join(cfg.data_dir, source)
-    caption = read_caption(path, cfg.data_dir)
-    img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
-    bucket = bucket_for(img.width, img.height, buckets)
-    up = upscale_needed(img.width, img.height, bucket)
-    if up > cfg.max_upscale:
-        raise Skip("too small", f"{img.width}x{img.height} needs {up:.1f}x enlargement to fill bucket "
-                                f"{bucket[0]}x{bucket[1]} (max_upscale={cfg.max_upscale})")
-    return bucket, resize_and_crop(img, bucket), caption
+    try:  # taken before reading: a file replaced while it is encoded is encoded again by the next run
+        fp = fingerprint(path, cfg.data_dir)
+    except OSError as e:  # deleted since it was listed, a dangling link, no permission
+        raise Skip("not accessible", f"cannot read it ({e.strerror or e})") from None
+    try:
+        caption = read_caption(path, cfg.data_dir)
+        img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
+        bucket = bucket_for(img.width, img.height, buckets)
+        up = upscale_needed(img.width, img.height, bucket)
+        if up > cfg.max_upscale:
+            raise Skip("too small", f"{img.width}x{img.height} needs {up:.1f}x enlargement to fill bucket "
+                                    f"{bucket[0]}x{bucket[1]} (max_upscale={cfg.max_upscale})")
+        return fp, bucket, resize_and_crop(img, bucket), caption
+    except Skip as skip:
+        skip.fingerprint = fp
+        raise
 
 
 def prepared_in_order(cfg: Config, todo: list, buckets):
@@ -173,6 +195,8 @@ def prepared_in_order(cfg: Config, todo: list, buckets):
             return prepare(cfg, source, buckets)
         except Skip as s:
             return s
+        except Exception as e:  # anything else one odd file raises costs that file, not the run
+            return Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")
 
     workers = min(8, os.cpu_count() or 1)
     sources = iter(todo)
@@ -191,7 +215,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
     from latents import images_to_tensor
     buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
     entries, skipped = {}, {}
-    pending = defaultdict(list)  # bucket -> [(source, image, caption)], flushed at preprocess_batch_size
+    pending = defaultdict(list)  # bucket -> [(source, fingerprint, image, caption)], flushed in batches
     memo, memo_bytes = {}, 0     # caption -> (text (L, D), mask (L,)) on the CPU: repeated captions encode once
 
     def encode_captions(captions):
@@ -213,20 +237,18 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         items, pending[bucket] = pending[bucket], []
         if not items:
             return
-        images = images_to_tensor([img for _, img, _ in items])            # (B, 3, H, W) in [-1, 1]
+        images = images_to_tensor([img for _, _, img, _ in items])         # (B, 3, H, W) in [-1, 1]
         latents = latent_space.encode(images, normalize=False).cpu()        # (B, C, H/f, W/f)
-        text, mask = encode_captions([cap for _, _, cap in items])          # (B, L, D) bf16, (B, L)
-        for i, (source, _, caption) in enumerate(items):
+        text, mask = encode_captions([cap for *_, cap in items])            # (B, L, D) bf16, (B, L)
+        for i, (source, fp, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             name = cache_name(source)
             item = {"latents": z, "text": text[i].clone(), "mask": mask[i].clone(), "bucket": tuple(bucket),
                     "caption": caption, "source": source}
             size = write_atomic(os.path.join(cfg.cache_dir, name), lambda tmp: torch.save(item, tmp))
             z64 = z.double().flatten(1)                                      # (C, h*w)
-            entries[source] = {"file": name, "bytes": size,
-                               "fingerprint": fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir),
-                               "bucket": list(bucket), "latent_shape": list(z.shape),
-                               "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
+            entries[source] = {"file": name, "bytes": size, "fingerprint": fp, "bucket": list(bucket),
+                               "latent_shape": list(z.shape), "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
@@ -235,18 +257,18 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             bar.update(1)
             if isinstance(result, Skip):
                 path = os.path.join(cfg.data_dir, source)
-                skipped[source] = {"fingerprint": fingerprint(path, cfg.data_dir), "reason": result.reason,
-                                   "message": str(result)}
+                skipped[source] = {"fingerprint": getattr(result, "fingerprint", None), "reason": result.reason,
+                                   "message": str(result), "max_upscale": cfg.max_upscale}
                 tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
                 continue
-            bucket, img, caption = result
-            pending[bucket].append((source, img, caption))
+            fp, bucket, img, caption = result
+            pending[bucket].append((source, fp, img, caption))
             if len(pending[bucket]) >= cfg.preprocess_batch_size:
                 flush(bucket)
         for bucket in list(pending):
             flush(bucket)
-    except (WriteError, KeyboardInterrupt) as e:  # stop; the caller records what was written
-        raise EncodingStopped(e, entries, skipped) from None
+    except (Exception, KeyboardInterrupt) as e:  # a full disk, Ctrl-C, out of memory: the caller records
+        raise EncodingStopped(e, entries, skipped) from None  # what was written, then reports e
     finally:
         bar.close()
     return entries, skipped
@@ -291,7 +313,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             say(f"warning: {e}: re-encoding everything", file=sys.stderr)
     if old is not None:
         check_manifest(cfg, old)
-        if old.get("data_dir") != cfg.data_dir:  # another folder: nothing in the old cache is known to match
+        if not same_folder(old.get("data_dir"), cfg.data_dir):  # nothing in the old cache is known to match
             say(f"data_dir changed ({old.get('data_dir')} -> {cfg.data_dir}): re-encoding everything")
             old = None
     old_entries = old["entries"] if old else {}
@@ -303,7 +325,10 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
     kept, kept_skipped, todo = {}, {}, []
     for source in sources:
-        fp = fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir)
+        try:
+            fp = fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir)
+        except OSError:  # gone since listed, a dangling link, no permission: prepare() reports it
+            fp = None
         e, s = old_entries.get(source), old_skipped.get(source)
         if e and e["fingerprint"] == fp and cache_file_intact(cfg.cache_dir, e):
             kept[source] = e
@@ -311,13 +336,14 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             path = os.path.join(cfg.cache_dir, e["file"])
             say(f"warning: {path}: cache file missing or damaged - re-encoding {source}", file=sys.stderr)
             todo.append(source)
-        elif s and s["fingerprint"] == fp:
+        elif s and fp is not None and s["fingerprint"] == fp and s["reason"] not in RETRIED_SKIPS \
+                and s.get("max_upscale") == cfg.max_upscale:  # the same file would be skipped again
             kept_skipped[source] = s
         else:
             todo.append(source)
     removed = len(set(old_entries) - set(sources))
 
-    failure = None  # what stopped encoding early: a WriteError (full disk) or KeyboardInterrupt
+    failure = None  # what stopped encoding early: a WriteError (full disk), Ctrl-C, any other error
     # scale/shift come from the VAE when one is loaded; pixel space is the identity
     scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
     if cfg.latent_space == "pixel":
@@ -361,12 +387,19 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
     if multi:
         dist.barrier()
+    if failure is None:
+        return manifest
+    n = len(new_entries)
     if isinstance(failure, KeyboardInterrupt):  # main_guard prints "interrupted: <this>"
-        raise KeyboardInterrupt(f"the {len(new_entries)} images encoded so far are cached; re-run to encode "
-                                "the rest")
-    if failure:
-        raise WriteError(f"{failure}: the {len(new_entries)} images encoded before it are cached; free "
-                              "space and re-run to encode the rest")
+        raise KeyboardInterrupt(f"the {n} images encoded so far are cached; re-run to encode the rest")
+    if isinstance(failure, WriteError):
+        raise WriteError(f"{failure}: the {n} images encoded before it are cached; free space and re-run to "
+                         "encode the rest")
+    if isinstance(failure, torch.OutOfMemoryError):
+        raise CacheError(f"out of memory while encoding: the {n} images encoded before it are cached; re-run "
+                         f"with a smaller preprocess_batch_size (now {cfg.preprocess_batch_size})")
+    failure.add_note(f"(the {n} images encoded before it are cached; a re-run encodes the rest)")
+    raise failure
     return manifest
 
 
@@ -417,9 +450,12 @@ def main():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    ensure_cache(cfg, force=force, distributed=distributed)
+    manifest = ensure_cache(cfg, force=force, distributed=distributed)
     if distributed:
         dist.destroy_process_group()
+    if not manifest["entries"]:
+        raise CacheError(f"data_dir={cfg.data_dir}: no usable images (all {len(manifest['skipped'])} skipped, "
+                         "see the warnings above or the manifest's 'skipped')")
 
 
 if __name__ == "__main__":

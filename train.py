@@ -202,7 +202,8 @@ def train(cfg: Config) -> dict:
         val_loader, _, val_set = make_loader(cfg, "val")
         val_loader = val_loader if len(val_set) > 0 else None
     if len(train_set) == 0:
-        raise SystemExit(f"error: no training samples in {cfg.cache_dir}")
+        raise ConfigError(f"cache_dir={cfg.cache_dir}: no training samples (every image was skipped, or "
+                          "val_fraction left none)")
 
     # --- model, EMA, optimiser ---
     model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_captions_from_a_hugging_face_metadata_file(tmp_path, t5_dir, monkeypatc
                       weights_only=True)["caption"] == "a large red square"
 
 
-def test_find_images_follows_linked_folders_once(tmp_path):
+def test_find_images_follows_linked_folders_once_and_names_unlistable_ones(tmp_path, monkeypatch, capsys):
     data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     os.makedirs(data / "sub")
     os.makedirs(elsewhere)
@@ -205,6 +206,16 @@ def test_find_images_follows_linked_folders_once(tmp_path):
     os.makedirs(data / ".hidden")
     make_image(8, 8).save(data / ".hidden" / "d.png")
     assert images.find_images(str(data)) == ["a.png", "d.tiff", "e.bmp", "f.gif", "linked/c.webp", "sub/b.JPG"]
+    real_scandir = os.scandir
+
+    def no_permission_for_sub(path="."):  # what a chmod 000 folder does to a user who is not root
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission_for_sub)
+    assert images.find_images(str(data)) == ["a.png", "d.tiff", "e.bmp", "f.gif", "linked/c.webp"]
+    assert f"warning: {data / 'sub'}: cannot list this folder (Permission denied)" in capsys.readouterr().err
 
 
 def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
@@ -212,6 +223,10 @@ def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
     cases = [("a caf\xe9 square".encode("utf-8"), "a caf\xe9 square"),
              (b"\xef\xbb\xbfa red   circle\r\n", "a red circle"),          # UTF-8 BOM, CRLF
              ("\ufeffa blue \u00fcber".encode("utf-16-le"), "a blue \u00fcber"),  # Notepad "Unicode"
+             ("a red flower\r\n".encode("utf-16-le"), "a red flower"),    # UTF-16 without a BOM
+             ("a red flower".encode("utf-16-be"), "a red flower"),
+             ("a pale sun".encode("utf-32"), "a pale sun"),                 # UTF-32 (its BOM starts FF FE)
+             (b"a\x00 red\x1b[0m \xe2\x80\x8bsquare\x07", "a red[0m square"),  # control, zero-width dropped
              ("a green line".encode("utf-16"), "a green line")]             # BOM in native order
     for raw, want in cases:
         (tmp_path / "a.txt").write_bytes(raw)
@@ -225,6 +240,36 @@ def test_captions_in_utf8_with_bom_and_utf16_are_read(tmp_path):
 
 
 # --- bad inputs, incremental runs, manifest --------------------------------------------------------------
+
+def test_metadata_files_as_spreadsheets_and_scripts_write_them(tmp_path):
+    """Column names in any case, unquoted commas in the caption, Windows separators, NFD names, numbers,
+    one huge caption, a cut surrogate pair; a metadata file that cannot be read is named in the skip."""
+    img = make_image(8, 8)
+    os.makedirs(tmp_path / "sub")
+    names = ["a.png", "b.png", "sub/c.png", "cafe\u0301.png", "n.png", "long.png", "cut.png"]
+    for name in names:
+        img.save(tmp_path / name)
+    long = "word " * 40000  # past csv's default field limit (131072)
+    (tmp_path / "metadata.csv").write_text(
+        "File_Name, Text\n"
+        "a.png,a red flower, in a garden\n"       # unquoted comma
+        'b.png,"a blue, quoted caption"\n'
+        "sub\\c.png,a green leaf\n"                # Windows separator
+        "caf\u00e9.png,an NFC name\n"               # macOS writes the file name NFD
+        "n.png,12345\n"
+        f"long.png,{long}\n", encoding="utf-8")
+    want = {"a.png": "a red flower, in a garden", "b.png": "a blue, quoted caption", "sub/c.png": "a green leaf",
+            "cafe\u0301.png": "an NFC name", "n.png": "12345", "long.png": long.strip()}
+    for name, caption in want.items():
+        assert images.read_caption(str(tmp_path / name), str(tmp_path)) == caption, name
+    os.remove(tmp_path / "metadata.csv")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cut.png", "text": "a moon \ud83c"}) + "\n")
+    assert images.read_caption(str(tmp_path / "cut.png"), str(tmp_path)) == "a moon"  # the half emoji dropped
+    os.remove(tmp_path / "metadata.jsonl")
+    (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\u00e9 au lait\n".encode("cp1252"))  # Excel
+    with pytest.raises(images.Skip, match=r"no entry .*\(metadata.csv is not UTF-8 \(bad byte at 24\)\)"):
+        images.read_caption(str(tmp_path / "a.png"), str(tmp_path))
+
 
 def write_bad_inputs(data):
     """Files that must each be skipped with a warning: returns {name: reason}."""
@@ -243,9 +288,15 @@ def write_bad_inputs(data):
     (data / "latin1.txt").write_bytes("a caf\xe9 square".encode("latin-1"))
     make_image(12, 12).save(data / "tiny.png")  # 32 px bucket needs 2.7x > max_upscale 2
     (data / "tiny.txt").write_text("a red square")
+    os.symlink(data / "gone.png", data / "dangling.png")  # a link to a file that is not there
+    (data / "dangling.txt").write_text("a red square")
+    for name, raw in [("nul", b"\x00\x00\x00"), ("zerowidth", "\u200b \u2060\ufeff".encode())]:
+        make_image(32, 32).save(data / f"{name}.png")  # captions with nothing visible in them
+        (data / f"{name}.txt").write_bytes(raw)
     return {"zero.png": "unreadable", "truncated.png": "unreadable", "notimage.jpg": "unreadable",
             "nocaption.png": "missing caption", "emptycap.png": "empty caption",
-            "latin1.png": "caption not UTF-8", "tiny.png": "too small"}
+            "latin1.png": "caption not UTF-8", "tiny.png": "too small", "dangling.png": "not accessible",
+            "nul.png": "empty caption", "zerowidth.png": "empty caption"}
 
 
 def test_bad_inputs_are_reported_skipped_and_the_rest_cached(tmp_path, t5_dir, capsys):
@@ -255,13 +306,18 @@ def test_bad_inputs_are_reported_skipped_and_the_rest_cached(tmp_path, t5_dir, c
     os.makedirs(data / "sub")
     make_image(60, 60).save(data / "sub" / "deep.WEBP")
     (data / "sub" / "deep.caption").write_text("a blue circle", encoding="utf-8")
+    latin1_name = os.fsdecode(b"caf\xe9.png")  # a file name that is not UTF-8 (old Windows/Samba archives)
+    make_image(32, 32).save(os.path.join(str(data), latin1_name))
+    with open(os.path.join(str(data), os.fsdecode(b"caf\xe9.txt")), "w") as f:
+        f.write("a yellow star")
     bad = write_bad_inputs(data)
     manifest = P.ensure_cache(cfg)
     err = capsys.readouterr().err
     for name, reason in bad.items():
         assert manifest["skipped"][name]["reason"] == reason
         assert sum(name in line for line in err.splitlines()) == 1  # one warning line naming the file
-    assert sorted(manifest["entries"]) == sorted(good + ["sub/deep.WEBP"])
+    assert sorted(manifest["entries"]) == sorted(good + ["sub/deep.WEBP", latin1_name])
+    assert P.load_manifest(cfg.cache_dir)["entries"][latin1_name]["file"].startswith("caf_")
     assert {tuple(e["bucket"]) for e in manifest["entries"].values()} == {(32, 32), (40, 24), (24, 40)}
     entry = manifest["entries"]["img_001.png"]  # 80x48 -> the 40x24 bucket
     d = torch.load(os.path.join(cfg.cache_dir, entry["file"]), weights_only=True)
@@ -420,6 +476,60 @@ def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkey
     assert len(P.ensure_cache(cfg)["entries"]) == 7 and len(encoded) == 3  # the re-run encodes the rest only
 
 
+def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_dir, monkeypatch):
+    """A file gone or failing while preprocess runs is skipped (and tried again next run); an error in the
+    encoder (here: out of memory, then any other) keeps the batches encoded before it; a changed
+    max_upscale retries the images it skipped; another spelling of data_dir re-encodes nothing."""
+    import latents
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    make_image_folder(str(data), [(32, 32)] * 6)
+    make_image(12, 12).save(data / "small.png")  # 2.7x upscale: skipped at max_upscale=2
+    (data / "small.txt").write_text("a small square")
+    real_load = P.load_image
+
+    def flaky(path, *a, **k):
+        if path.endswith("img_001.png"):  # deleted after it was listed
+            return real_load(path + ".gone", *a, **k)
+        if path.endswith("img_002.png"):
+            raise ValueError("an odd failure inside a decoder")
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(P, "load_image", flaky)
+    manifest = P.ensure_cache(cfg)
+    assert {s: e["reason"] for s, e in manifest["skipped"].items()} == {
+        "img_001.png": "not accessible", "img_002.png": "unreadable", "small.png": "too small"}
+    assert "ValueError: an odd failure" in manifest["skipped"]["img_002.png"]["message"]
+    monkeypatch.setattr(P, "load_image", real_load)
+    encoded = record_encoded(monkeypatch)
+    assert len(P.ensure_cache(cfg)["entries"]) == 6 and sorted(encoded) == ["img_001.png", "img_002.png"]
+    encoded.clear()
+    again = P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(data) + "/", max_upscale=3.0))
+    assert encoded == ["small.png"] and len(again["entries"]) == 7  # only the skip whose setting changed
+
+    shutil.rmtree(cfg.cache_dir)
+    real_to_tensor, calls = latents.images_to_tensor, {"n": 0}
+    for error, caught in [(torch.OutOfMemoryError("CUDA out of memory"), P.CacheError),
+                          (RuntimeError("a kernel failed"), RuntimeError)]:
+        def failing_second_batch(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise error
+            return real_to_tensor(*a, **k)
+
+        calls["n"] = 0
+        monkeypatch.setattr(latents, "images_to_tensor", failing_second_batch)
+        with pytest.raises(caught) as info:
+            P.ensure_cache(cfg)
+        kept = P.load_manifest(cfg.cache_dir)["entries"]
+        assert len(kept) == 3  # the first batch of preprocess_batch_size=3
+        text = str(info.value) + " ".join(getattr(info.value, "__notes__", []))
+        assert "3 images encoded before it are cached" in text
+        if caught is P.CacheError:
+            assert "out of memory" in text and "preprocess_batch_size" in text
+        shutil.rmtree(cfg.cache_dir)
+
+
 def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
     cfg = pixel_cfg(tmp_path, t5_dir)
     make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24)])
@@ -431,7 +541,7 @@ def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
         P.check_manifest(pixel_cfg(tmp_path, t5_dir, target_resolution=48), manifest)
     rebuilt = P.ensure_cache(other, force=True)
     assert rebuilt["max_token_length"] == 6 and len(rebuilt["entries"]) == 2
-    for damage in ("{not json", "[1, 2]", '{"version": 0}'):  # damaged, or from another version
+    for damage in ("{not json", "[1, 2]", '{"version": 0}', '{"version": 1, "entries": {"a.png": {"file": "a.pt"}}}'):
         with open(os.path.join(cfg.cache_dir, "manifest.json"), "w") as f:
             f.write(damage)
         with pytest.raises(P.CacheError, match="manifest.json.*python preprocess.py rebuilds it"):
@@ -475,6 +585,15 @@ def test_flux_vae_and_t5gemma2_end_to_end_through_the_cli(tmp_path, monkeypatch,
     written = sorted(os.listdir(tmp_path / "cache" / "check"))
     assert len(written) == 4 and sum(f.endswith("_decoded.png") for f in written) == 2
     assert Image.open(tmp_path / "cache" / "check" / written[0]).size in {(32, 32), (48, 16), (16, 48)}
+    first = os.path.join(tmp_path / "cache", sorted(manifest["entries"].values(), key=lambda e: e["file"])[0]["file"])
+    with open(first, "r+b") as f:
+        f.truncate(300)  # damaged: reported, left out of --decode, exit code 1
+    monkeypatch.setattr(sys, "argv", ["check_cache.py"] + args + ["--decode", "5"])
+    with pytest.raises(SystemExit) as exit_code:
+        check_cache.main()
+    out = capsys.readouterr()
+    assert exit_code.value.code == 1 and "checked 3 files (1 damaged)" in out.out and out.err.count("warning") == 1
+    assert out.out.count("PSNR") == 2  # the two intact files, each once
     for bad in (["--decode", "-3"], ["--decode"]):
         monkeypatch.setattr(sys, "argv", ["check_cache.py"] + args + bad)
         with pytest.raises(P.ConfigError, match="--decode needs a number of entries"):
