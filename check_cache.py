@@ -95,6 +95,7 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> list:
     out_dir = os.path.join(cfg.cache_dir, "check")
     os.makedirs(out_dir, exist_ok=True)
     written = []
+    data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from
     for source in tqdm(picks, desc="decode", unit="img"):
         e = manifest["entries"][source]
         stem = os.path.splitext(e["file"])[0]
@@ -109,7 +110,7 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> list:
         written.append(decoded_path)
         line = f"{source}: {decoded_path}"
         try:
-            src = resize_and_crop(load_image(os.path.join(cfg.data_dir, source)), tuple(e["bucket"]))
+            src = resize_and_crop(load_image(os.path.join(data_dir, source)), tuple(e["bucket"]))
             src_path = os.path.join(out_dir, f"{stem}_source.png")
             src.save(src_path)
             written.append(src_path)

@@ -302,7 +302,13 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     if multi:
         dist.barrier()
     if not os.path.isdir(cfg.data_dir):
-        raise CacheError(f"data_dir={cfg.data_dir}: no such folder (put images + .txt captions there)")
+        cached = None if force else load_manifest(cfg.cache_dir)
+        if cached is None:
+            raise CacheError(f"data_dir={cfg.data_dir}: no such folder (put images + .txt captions there)")
+        check_manifest(cfg, cached)  # only the cache was copied (a cluster node): train on it as it is
+        say(f"warning: data_dir={cfg.data_dir} is not there: using the cache in {cfg.cache_dir} as it is",
+            file=sys.stderr)
+        return cached
     os.makedirs(cfg.cache_dir, exist_ok=True)
 
     old = None

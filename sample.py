@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from config import ConfigError, main_guard, resolve_device, config_from_dict
+from images import Skip, decode_text
 import samplers as S
 
 
@@ -200,10 +201,13 @@ def main():
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"--prompts-file {args.prompts_file}: {e}") from None
+            with open(args.prompts_file, "rb") as f:
+                text = decode_text(f.read(), args.prompts_file)  # UTF-8, -16, -32 like caption files
+        except OSError as e:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
+        except Skip as e:
+            raise ConfigError(f"--prompts-file: {e}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1 or (args.steps is not None and args.steps < 1):

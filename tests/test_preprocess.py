@@ -387,6 +387,10 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
 
     P.ensure_cache(cfg, force=True)  # --force: everything again
     assert len(encoded[-1]) == 6
+    capsys.readouterr()
+    os.rename(data, tmp_path / "moved")  # only the cache copied to where training runs: used as it is
+    assert P.ensure_cache(cfg)["entries"].keys() == fourth["entries"].keys() and len(encoded) == 4
+    assert "is not there: using the cache" in capsys.readouterr().err
 
 
 def test_repeated_captions_are_encoded_once_with_the_same_embeddings(tmp_path, t5_dir, monkeypatch):

@@ -29,7 +29,8 @@ def test_one_image_is_deterministic_and_sized(tiny_run, tmp_path):
 
 def test_grid_with_several_prompts_samplers_and_negative(tiny_run, tmp_path):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(PROMPT + "\n\na small blue square in the top left on a black background\n")
+    prompts.write_text(PROMPT + "\n\na small blue square in the top left on a black background\n",
+                       encoding="utf-16")  # Notepad's "Unicode"; UTF-8 is read too
     out = tmp_path / "grid.png"
     r = run(tiny_run, "--prompts-file", str(prompts), "--num", "2", "--sampler", "heun", "--steps", "2",
             "--negative", "blurry", "--out", str(out))
@@ -39,6 +40,8 @@ def test_grid_with_several_prompts_samplers_and_negative(tiny_run, tmp_path):
 
 
 def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("a caf\xe9 sign".encode("latin-1"))
     cases = [
         (str(tmp_path / "no_such_run"), "--prompt", PROMPT),
         (tiny_run, "--prompt", "   "),
@@ -46,6 +49,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--size", "17x16"),
         (tiny_run, "--prompt", PROMPT, "--size", "big"),
         (tiny_run, "--prompts-file", str(tmp_path / "missing.txt")),
+        (tiny_run, "--prompts-file", str(latin1)),
         (tiny_run, "--prompt", PROMPT, "--shift", "-1"),
     ]
     for args in cases:
