@@ -82,6 +82,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     converted (Pillow's own conversions; CMYK without a colour profile)."""
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img.convert("F") if img.mode == "F" else img.convert("I"), dtype=np.float64)
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)  # float TIFFs with holes in them
         if img.mode.startswith("I;16") or a.max() > 255:  # 16-bit data: 65535 -> 255
             a = a / 257.0
         elif img.mode == "F" and a.max() <= 1.0:          # float images in [0, 1]

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -133,6 +134,11 @@ def test_gray_palette_cmyk_16bit_and_1bit_become_rgb(tmp_path):
     a = save_and_load(sixteen, tmp_path, "16.png")
     assert a[..., 0].tolist() == [[255, 128], [0, 1]]
     assert save_and_load(Image.new("1", (4, 4), 1), tmp_path, "1.png")[0, 0].tolist() == [255] * 3
+    holes = np.full((4, 4), 0.5, dtype=np.float32)
+    holes[0, 0] = np.nan  # a float TIFF with a hole: black there, no numpy warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert save_and_load(Image.fromarray(holes, "F"), tmp_path, "f.tif")[:, 0, 0].tolist() == [0, 128, 128, 128]
     frames = [Image.new("RGB", (4, 4), c) for c in ("red", "blue")]  # an animated GIF: its first frame
     frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:])
     assert np.asarray(images.load_image(str(tmp_path / "a.gif")))[0, 0].tolist() == [255, 0, 0]
