@@ -72,9 +72,13 @@ def save_checkpoint(cfg: Config, state: dict) -> str:
     return path
 
 
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "rng")
+
+
 def load_resume_checkpoint(cfg: Config):
     """(path, checkpoint dict) to resume from, or (None, None). resume=auto takes the newest readable
-    checkpoint of the run (an unreadable one is reported and the previous one used)."""
+    checkpoint of the run (an unreadable one, or a file that is not one of our checkpoints, is reported
+    and the previous one used)."""
     if not cfg.resume:
         return None, None
     if cfg.resume == "auto":
@@ -85,13 +89,67 @@ def load_resume_checkpoint(cfg: Config):
         candidates = [cfg.resume]
     for path in candidates:
         try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)} in it")
+            return path, ckpt
         except Exception as e:  # truncated or foreign file
-            message = f"{path}: not a readable checkpoint ({type(e).__name__})"
+            message = f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             if cfg.resume != "auto":
                 raise ConfigError(message) from None
             print(f"warning: {message}; trying an older one")
     return None, None
+
+
+def set_aside_later_checkpoints(cfg: Config, step: int) -> list:
+    """Resuming from step S (an older checkpoint, or the newest readable one): checkpoints of later steps
+    belong to the abandoned continuation (or are damaged). They are renamed *.pt.abandoned, so that neither
+    pruning (which keeps the newest) nor a later resume=auto picks them over this run's own."""
+    later = [p for p in list_checkpoints(cfg) if checkpoint_step(p) > step]
+    for path in later:
+        os.replace(path, path + ".abandoned")
+    return later
+
+
+def checkpoint_step(path: str) -> int:
+    """step_0000120.pt -> 120."""
+    return int(os.path.basename(path)[len("step_"):-len(".pt")])
+
+
+def lock_run(cfg: Config):
+    """Hold a lock on the run (out_dir/.<run_name>.lock) while training: a second train.py on the same
+    run_dir would interleave logs and prune the other's checkpoints. Returns the open lock file (the lock
+    lasts while it is open, and ends with the process, even on kill -9; unlock_run removes it); ConfigError
+    if another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run without the lock
+        return None
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    f = open(os.path.join(cfg.out_dir, f".{cfg.run_name}.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        owner = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{cfg.run_dir} is in use by another train.py (pid {owner}); give this one another "
+                          "run_name=, or wait for it to end") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+def unlock_run(lock):
+    """Remove the lock file and release the lock (lock_run's result; None: nothing to do)."""
+    if lock is not None:
+        try:
+            os.remove(lock.name)
+        except OSError:
+            pass
+        lock.close()
 
 
 def set_aside_earlier_run(run_dir: str):

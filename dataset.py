@@ -9,11 +9,13 @@ the batches it would have seen, and DataLoader workers agree with each other.
 
 Error policy: a missing or corrupt cache file is an error naming the file (a CacheError, printed as
 one line), at startup for in-memory data sets and at first use for lazy ones; never silently skipped,
-because a silently shorter data set changes what a resumed run sees.
+because a silently shorter data set changes what a resumed run sees. A file with non-finite latents is
+reported once; train.py skips the steps it is in (their loss is non-finite).
 """
 import hashlib
 import os
 import random
+import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -83,7 +85,7 @@ class CachedDataset(Dataset):
         bytes_per_item = [4 * _prod(e["latent_shape"]) + cfg.max_token_length * (2 * cfg.text_dim + 1)
                           for e in entries]
         self.in_memory = sum(bytes_per_item) < IN_MEMORY_MAX_BYTES if in_memory is None else in_memory
-        self.items = None
+        self.items, self.warned = None, set()  # warned: items found non-finite (each reported once)
         if self.in_memory:
             self.items = [load_cache_file(p) for p in tqdm(self.paths, desc=f"load {split}", unit="file",
                                                           disable=len(self.paths) < 1000)]
@@ -97,6 +99,10 @@ class CachedDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         d = self.items[i] if self.items is not None else load_cache_file(self.paths[i])
         latents = d["latents"].float()                                      # (C, h, w)
+        if i not in self.warned and not torch.isfinite(latents).all():  # a damaged file: its steps are skipped
+            self.warned.add(i)
+            print(f"warning: {self.paths[i]}: non-finite latents (a damaged cache file); the steps with it are "
+                  "skipped: delete it and re-run python preprocess.py", file=sys.stderr)
         if self.mean is not None:
             latents = (latents - self.mean) / self.std
         drop = False

@@ -216,7 +216,8 @@ def main():
         raise ConfigError("--steps and --per-pair must be >= 1")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
-    from sample import load_run, with_sample_shift
+    from sample import check_sampling_options, load_run, with_sample_shift
+    check_sampling_options(args)
     import train as T
     from dataset import make_loader
     device = resolve_device(args.device)

@@ -22,7 +22,7 @@ BUCKET_COLUMN = re.compile(r"^loss_t(\d+)$")
 def read_csv_columns(path: str) -> dict:
     """{column: list of floats} from a CSV with a header; blank or unparseable cells become NaN, rows
     without a step (e.g. a line being written while we read) are skipped."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # garbage bytes cost their rows
         rows = list(csv.DictReader(f))
     if not rows or "step" not in rows[0]:
         return {}

@@ -242,6 +242,12 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         text, mask = encode_captions([cap for *_, cap in items])            # (B, L, D) bf16, (B, L)
         for i, (source, fp, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
+            if not (torch.isfinite(z).all() and torch.isfinite(text[i].float()).all()):  # e.g. a VAE in fp16
+                skipped[source] = {"fingerprint": fp, "reason": "non-finite encoding", "max_upscale": cfg.max_upscale,
+                                   "message": "the VAE or text encoder gave NaN/inf (an overflow in its precision?)"}
+                tqdm.write(f"warning: {os.path.join(cfg.data_dir, source)}: {skipped[source]['message']} - skipped",
+                           file=sys.stderr)
+                continue
             name = cache_name(source)
             item = {"latents": z, "text": text[i].clone(), "mask": mask[i].clone(), "bucket": tuple(bucket),
                     "caption": caption, "source": source}

@@ -10,6 +10,7 @@ a labelled grid.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -99,9 +100,18 @@ def with_sample_shift(cfg, shift):
     """cfg with sample_shift set from a --shift option (None: unchanged; must be >= 0)."""
     if shift is None:
         return cfg
-    if shift < 0:
-        raise ConfigError(f"--shift {shift}: must be >= 0 (0 = the training shift)")
+    if not (math.isfinite(shift) and shift >= 0):
+        raise ConfigError(f"--shift {shift}: must be a number >= 0 (0 = the training shift)")
     return replace(cfg, sample_shift=shift)
+
+
+def check_sampling_options(args):
+    """One-line errors for --cfg / --seed values that would crash after the model is loaded, or give black
+    images (nan, inf)."""
+    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
+        raise ConfigError(f"--cfg {args.cfg}: must be a number >= 0 (1 = no guidance)")
+    if not -2 ** 63 <= args.seed < 2 ** 63:
+        raise ConfigError(f"--seed {args.seed}: must fit in 64 bits")
 
 
 def save_grid(images, labels, path, cols=None, min_side=128):
@@ -212,8 +222,10 @@ def main():
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ConfigError("--num and --steps must be >= 1")
-    if args.cfg is not None and args.cfg < 0:
-        raise ConfigError(f"--cfg {args.cfg}: must be >= 0 (1 = no guidance)")
+    check_sampling_options(args)
+    Image.init()
+    if os.path.isdir(args.out) or os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+        raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp)")
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
     size = parse_size(args.size, cfg) if args.size else None

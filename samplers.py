@@ -339,9 +339,12 @@ def timestep_bucket(t: torch.Tensor, n: int = 4) -> torch.Tensor:
 
 def loss_per_bucket(per_sample_loss: torch.Tensor, t: torch.Tensor, n: int = 4):
     """(sums, counts), both (n,) float: the detached per-sample losses summed per time bucket, and how
-    many samples fell in each; accumulate over a logging window, then log sums / counts."""
+    many samples fell in each (non-finite losses left out); accumulate over a logging window, then log
+    sums / counts."""
     idx = timestep_bucket(t, n).to(per_sample_loss.device)
-    sums = torch.zeros(n, device=per_sample_loss.device).index_add_(0, idx, per_sample_loss.detach().float())
-    counts = torch.zeros(n, device=idx.device).index_add_(0, idx, torch.ones_like(idx, dtype=torch.float))
+    loss = per_sample_loss.detach().float()
+    finite = torch.isfinite(loss)
+    sums = torch.zeros(n, device=loss.device).index_add_(0, idx, torch.where(finite, loss, 0.0))
+    counts = torch.zeros(n, device=idx.device).index_add_(0, idx, finite.float())
     # (index_add_, not bincount: bincount's output size needs a host-device sync on CUDA)
     return sums, counts

@@ -19,6 +19,7 @@ import random
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,9 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
-from checkpoint import (checkpoint_dir, load_resume_checkpoint, rng_state, save_checkpoint, set_aside_earlier_run,
-                        set_rng_state)
+from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
+                        set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, unlock_run,
+                        write_atomic)
 from objective import flow_matching_loss
 from optim import lr_at, make_optimizer, optimizer_update
 
@@ -108,13 +110,25 @@ def to_device(batch: dict, device, trim_text=False) -> dict:
 
 
 class CSVLog:
-    """Appends rows to a CSV file, writing the header once (resume appends to the same file)."""
+    """Appends rows to a CSV file, writing the header once. A resumed run (resumed_at = its step) first
+    drops the rows of later steps (written after that checkpoint, before the interruption) and any row
+    cut off by a kill or a full disk, so the log reads as one run."""
 
-    def __init__(self, path, columns):
+    def __init__(self, path, resumed_at, columns):
         self.path, self.columns = path, columns
-        if not os.path.exists(path):
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerow(columns)
+        if os.path.exists(path) and resumed_at is not None:
+            with open(path, newline="", encoding="utf-8", errors="replace") as f:
+                rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
+                        and r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
+            write_atomic(path, lambda tmp: self.write_all(tmp, rows))
+        elif not os.path.exists(path):
+            self.write_all(path, [])
+
+    def write_all(self, path, rows):
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(self.columns)
+            writer.writerows([row.get(c, "") for c in self.columns] for row in rows)
 
     def write(self, row: dict):
         try:
@@ -168,6 +182,16 @@ def default_val_prompts(cfg: Config, val_set) -> list:
 
 
 def train(cfg: Config) -> dict:
+    """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir'}. The run
+    folder is locked meanwhile: a second train.py on it stops with a one-line error."""
+    lock = lock_run(cfg) if int(os.environ.get("RANK", 0)) == 0 else None
+    try:
+        return run_training(cfg)
+    finally:
+        unlock_run(lock)
+
+
+def run_training(cfg: Config) -> dict:
     from dataset import make_loader
     from latents import LatentSpace
     from model import DiTConfig, SingleStreamDiT
@@ -214,16 +238,28 @@ def train(cfg: Config) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
 
     if resume_path:
+        trained = ckpt.get("config") or {}
+        same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer
         try:
             model.load_state_dict(ckpt["model"])
             ema_model.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"{resume_path}: does not match this config ({str(e).splitlines()[0][:120]})") from None
+            if same_optimizer:
+                optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig) if f.name != "in_channels"]
+            differ = [f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in model_keys
+                      if k in trained and trained[k] != getattr(cfg, k)]
+            why = "; ".join(differ) or str(e).splitlines()[0][:120]
+            raise ConfigError(f"{resume_path}: does not match this config ({why})") from None
+        if not same_optimizer and master:
+            print(f"warning: {resume_path} was trained with optimizer={trained['optimizer']}: "
+                  f"optimizer={cfg.optimizer} starts from a fresh state")
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"], gen)
         if master:
             print(f"resumed from {resume_path} at step {step}")
+            for later in set_aside_later_checkpoints(cfg, step):
+                print(f"warning: {later}: a later step than the one resumed, renamed {later}.abandoned")
     elif cfg.resume == "auto" and master:
         print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
 
@@ -239,13 +275,16 @@ def train(cfg: Config) -> dict:
     log = val_log = None
     if master:
         os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
-        log = CSVLog(os.path.join(cfg.run_dir, "log.csv"),
+        def dump_config(tmp):
+            with open(tmp, "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
+        write_atomic(os.path.join(cfg.run_dir, "config.json"), dump_config)
+        resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
+        log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
                      ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr",
                       "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite"]
                      + [f"gate_{n}" for n in gate_names])
-        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"),
+        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at,
                          ["step", "val_loss", "val_loss_t0", "val_loss_t1", "val_loss_t2", "val_loss_t3"])
         prompts = default_val_prompts(cfg, val_set if val_loader else None)
         prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
@@ -280,15 +319,18 @@ def train(cfg: Config) -> dict:
     def checkpoint_state():
         return {"model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg)}
+                "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg),
+                "train_seconds": time.time() - t_start}
 
     # --- the training loop ---
     model.train()
-    t_start, time_frac = time.time(), 0.0  # time_frac: elapsed / max_minutes (0 without a limit)
+    # the clock of max_minutes goes on from the checkpoint's (else a resumed run's lr would jump back up)
+    t_start = time.time() - (ckpt.get("train_seconds", 0.0) if resume_path else 0.0)
+    time_frac = (time.time() - t_start) / 60 / cfg.max_minutes if cfg.max_minutes > 0 else 0.0
     t_log, images_since_log = time.time(), 0
     # running sums stay on the device: no host-device sync until a logging step
     bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
-    loss_sum, loss_n = torch.zeros((), device=device), 0
+    loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
     # skipped (non-finite) steps since the last log line, the current run of them, the longest run
     skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
@@ -324,7 +366,8 @@ def train(cfg: Config) -> dict:
                                                          ema_model if use_consistency else None)
             (loss / cfg.grad_accum).backward()
             images_since_log += batch["latents"].shape[0] * world
-            loss_sum, loss_n = loss_sum + loss.detach(), loss_n + 1
+            finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
+            loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, 4)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step)
@@ -345,7 +388,7 @@ def train(cfg: Config) -> dict:
                 diverged = True
         if master and (step % cfg.log_every == 0 or last_step):
             elapsed = time.time() - t_log
-            mean_loss = (loss_sum / max(loss_n, 1)).item()
+            mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
             row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": n_skipped,
@@ -359,7 +402,7 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
             t_log, images_since_log = time.time(), 0
             bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
-            loss_sum, loss_n = torch.zeros((), device=device), 0
+            loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
         if diverged:
             break
 

@@ -52,7 +52,8 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
 
 
 def test_bad_arguments_are_one_line(tiny_run, tmp_path):
-    for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")]):
+    for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")],
+                 ["--cfg", "nan"], ["--seed", str(2 ** 70)]):
         r = subprocess.run([sys.executable, "evaluate.py", tiny_run, *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1

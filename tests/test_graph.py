@@ -68,6 +68,8 @@ def test_skips_gates_and_empty_buckets(tmp_path):
 def test_reader_blank_cells_and_partial_rows(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("step,loss,lr\n1,0.5,\n2,,0.1\n3,0.3\n,0.2,0.1\n")   # blanks, short row, row without a step
+    with open(path, "ab") as f:
+        f.write(b"\xff\xfe\x00garbage\x81,\x9c\n")  # bytes that are not UTF-8 (a damaged disk, a stray write)
     cols = G.read_csv_columns(str(path))
     assert cols["step"] == [1.0, 2.0, 3.0]
     assert cols["loss"][0] == 0.5 and math.isnan(cols["loss"][1]) and cols["loss"][2] == 0.3

@@ -519,6 +519,17 @@ def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_di
 
     shutil.rmtree(cfg.cache_dir)
     real_to_tensor, calls = latents.images_to_tensor, {"n": 0}
+
+    def nan_in_first(*a, **k):  # what a VAE run in too low a precision gives
+        images = real_to_tensor(*a, **k)
+        images[0, 0, 0, 0] = float("nan")
+        return images
+
+    monkeypatch.setattr(latents, "images_to_tensor", nan_in_first)
+    skipped = P.ensure_cache(cfg)["skipped"]
+    assert sorted(s for s, e in skipped.items() if e["reason"] == "non-finite encoding") == ["img_000.png",
+                                                                                            "img_003.png"]
+    shutil.rmtree(cfg.cache_dir)
     for error, caught in [(torch.OutOfMemoryError("CUDA out of memory"), P.CacheError),
                           (RuntimeError("a kernel failed"), RuntimeError)]:
         def failing_second_batch(*a, **k):

@@ -51,9 +51,14 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompts-file", str(tmp_path / "missing.txt")),
         (tiny_run, "--prompts-file", str(latin1)),
         (tiny_run, "--prompt", PROMPT, "--shift", "-1"),
+        (tiny_run, "--prompt", PROMPT, "--shift", "nan"),
+        (tiny_run, "--prompt", PROMPT, "--cfg", "inf"),
+        (tiny_run, "--prompt", PROMPT, "--seed", "99999999999999999999"),
+        (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
+        (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
     ]
     for args in cases:
-        r = run(*args, "--out", str(tmp_path / "x.png"))
+        r = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "x.png")]))
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "x.png").exists()

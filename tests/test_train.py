@@ -104,7 +104,10 @@ def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
     result = T.train(cfg)
     assert result["status"].startswith("stopped: 4 non-finite") and result["step"] == 8
     with open(os.path.join(cfg.run_dir, "log.csv")) as f:
-        assert [(int(r["step"]), int(r["nonfinite"])) for r in csv.DictReader(f)] == [(4, 2), (8, 2)]
+        rows = list(csv.DictReader(f))
+    assert [(int(r["step"]), int(r["nonfinite"])) for r in rows] == [(4, 2), (8, 2)]
+    for r in rows:  # the logged losses are the mean of the good steps: the skipped steps' NaN left out
+        assert 0 < float(r["loss"]) < 10
 
 
 def wait_for(predicate, proc, timeout=240):
@@ -233,13 +236,50 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
         f.write(b"not a checkpoint")
     path, state = C.load_resume_checkpoint(get_config("tiny", **dict(args, resume="auto")))
     assert path.endswith("step_0000002.pt") and state["step"] == 2  # fell back to the older one
+    for foreign in (torch.zeros(3), {"latents": torch.zeros(3)}):  # readable, but not one of our checkpoints
+        torch.save(foreign, newest)
+        assert C.load_resume_checkpoint(get_config("tiny", **dict(args, resume="auto")))[0] == path
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         C.load_resume_checkpoint(get_config("tiny", **dict(args, resume=newest)))
     with pytest.raises(ConfigError, match="no such checkpoint"):
         T.train(get_config("tiny", **dict(args, resume=str(tmp_path / "missing.pt"))))
     wider = get_config("tiny", **dict(args, run_name="wider", hidden_size=64, resume=path))
-    with pytest.raises(ConfigError, match="does not match this config"):
+    with pytest.raises(ConfigError, match="does not match this config .hidden_size=32 there, 64 here"):
         T.train(wider)
+    switched = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", max_steps=3,
+                                                 resume=path)))  # another optimiser: a fresh state for it
+    assert switched["step"] == 3 and switched["status"] == "done"
+
+
+def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path):
+    """Resuming from step 4 of a 6-step run: the log rows of steps 5-6 (and a row cut off by a kill) go,
+    the later checkpoint is renamed *.abandoned (pruning and resume=auto must not prefer it), and the
+    max_minutes clock goes on from the checkpoint's (a resumed run near its time limit anneals and stops)."""
+    from config import ConfigError
+    args = tiny_args(tiny_data, tmp_path, max_steps=6, checkpoint_every=2, keep_checkpoints=3, run_name="b")
+    cfg = get_config("tiny", **args)
+    T.train(cfg)
+    with open(os.path.join(cfg.run_dir, "log.csv"), "a") as f:
+        f.write("7,0,0.41")  # cut off mid-row
+    step4 = os.path.join(C.checkpoint_dir(cfg), "step_0000004.pt")
+    state = torch.load(step4, weights_only=False)
+    assert 0 < state["train_seconds"] < 60
+    state["train_seconds"] = 600.0  # as if 10 minutes had been spent up to step 4
+    torch.save(state, step4)
+    lock = C.lock_run(cfg)  # another train.py on the run
+    with pytest.raises(ConfigError, match="in use by another train.py"):
+        T.train(get_config("tiny", **dict(args, resume=step4)))
+    C.unlock_run(lock)
+    branch = get_config("tiny", **dict(args, resume=step4, max_steps=10, max_minutes=10.0, learning_rate=5e-4))
+    result = T.train(branch)
+    assert result["status"].startswith("stopped after max_minutes") and result["step"] == 5
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[-1]["lr"]) == pytest.approx(5e-4 * branch.min_lr_ratio)  # annealed: the clock ran out
+    names = sorted(os.listdir(C.checkpoint_dir(cfg)))
+    assert names == ["step_0000002.pt", "step_0000004.pt", "step_0000005.pt", "step_0000006.pt.abandoned"]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".lock")]
 
 
 def test_a_fresh_run_sets_an_earlier_one_in_its_folder_aside(tiny_data, tmp_path):
