@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from config import ConfigError, main_guard, apply_overrides, parse_args, resolve_device
+from config import ConfigError, apply_overrides, exit_with_help_if_asked, main_guard, parse_args, resolve_device
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
@@ -231,6 +231,7 @@ def compare(cfg_a, cfg_b, device, opts) -> dict:
 
 def split_args(argv):
     """Bench options (steps=, warmup=, peak_tflops=, ..., --only, --compare ...) apart from Config overrides."""
+    exit_with_help_if_asked(argv)
     opts, only, compare_overrides, rest = dict(BENCH_DEFAULTS), None, None, []
     if "--profile" in argv:
         argv = [a for a in argv if a != "--profile"]

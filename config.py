@@ -270,9 +270,18 @@ def get_config(preset: str = "shapes", **overrides) -> Config:
     return cfg.validate()
 
 
+def exit_with_help_if_asked(argv):
+    """-h / --help: print the running script's docstring (its usage) and where the settings are; exit 0."""
+    if "-h" in argv or "--help" in argv:
+        doc = (getattr(sys.modules.get("__main__"), "__doc__", None) or "").strip()
+        print(f"{doc}\n\npresets: {', '.join(PRESETS)}; every setting with its value: python config.py [preset]")
+        sys.exit(0)
+
+
 def parse_args(argv=None) -> Config:
     """Config from `[preset] key=value ...` (sys.argv[1:] by default)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    exit_with_help_if_asked(argv)
     preset = "shapes"
     if argv and "=" not in argv[0] and not argv[0].startswith("-"):
         preset = argv.pop(0)

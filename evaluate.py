@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from checkpoint import write_atomic
 from config import ConfigError, main_guard, resolve_device
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
@@ -227,11 +228,20 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     report = {"sampler": args.sampler or cfg.sampler, "steps": args.steps or cfg.sample_steps,
               "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg, "sample_shift": cfg.sample_shift}
+    report_path = os.path.join(out_dir, "eval.json")
+
+    def save_report():  # after each part: a Ctrl-C later keeps the scores printed so far
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+        write_atomic(report_path, dump)
+
     if cfg.data_source == "shapes":
         summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,
                                   args.per_pair)
         print_table(summary)
         report["shapes"] = summary
+        save_report()
         if args.renoise:
             results = renoise_shapes(cfg, model, device, steps=args.steps, cfg_scale=args.cfg,
                                      sampler=args.sampler, seed=args.seed)
@@ -251,8 +261,7 @@ def main():
                                 args.seed)
     print(message)
     report["fid"] = fid
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    save_report()
     print(f"wrote {out_dir}/eval.json ({report['sampler']}, {report['steps']} steps, cfg {report['cfg_scale']}, "
           f"sample_shift {report['sample_shift'] or 'as trained'})")
 

@@ -175,6 +175,8 @@ def load_run(run_dir, device="cpu"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
             ema = state["ema"]
+            if not isinstance(ema, dict):
+                raise TypeError("its ema is not a state dict")
         except Exception as e:  # truncated, foreign or not a training checkpoint
             print(f"warning: {path}: not a readable checkpoint ({type(e).__name__}); trying an older one",
                   file=sys.stderr)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from config import ConfigError, get_config, main_guard
+from config import ConfigError, exit_with_help_if_asked, get_config, main_guard
 import samplers as S
 
 CHECK_DEFAULTS = {"steps": 150, "min_factor": 10.0, "lr": 3e-3}  # settings of this check only
@@ -20,6 +20,7 @@ CHECK_DEFAULTS = {"steps": 150, "min_factor": 10.0, "lr": 3e-3}  # settings of t
 
 def split_args(argv):
     """Check settings (steps=, min_factor=, lr=) apart from Config overrides; preset first."""
+    exit_with_help_if_asked(argv)
     preset, overrides, check = "tiny", {}, dict(CHECK_DEFAULTS)
     if argv and "=" not in argv[0]:
         preset = argv.pop(0)

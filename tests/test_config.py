@@ -1,9 +1,12 @@
+import os
 import subprocess
 import sys
 
 import pytest
 
 from config import ConfigError, config_from_dict, get_config, main_guard, parse_args, to_dict, PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_defaults_are_the_shapes_preset_and_valid():
@@ -70,6 +73,12 @@ def test_script_prints_one_line_error():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown setting 'foo'")
     assert "Traceback" not in r.stderr
+
+
+def test_help_prints_the_scripts_usage():
+    for script in ("train.py", "preprocess.py", "sanity_check.py", "bench.py"):
+        r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and f"python {script}" in r.stdout and "presets: shapes" in r.stdout, r.stderr
 
 
 def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsys):

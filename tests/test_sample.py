@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +87,7 @@ def test_damaged_files_fall_back_or_give_one_line(tiny_run, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # a damaged export: the newest checkpoint's EMA is used
     ckpts = sorted((run_dir / "checkpoints").glob("*.pt"))
     assert len(ckpts) >= 2
-    ckpts[-1].write_bytes(b"not a checkpoint")  # ... and a damaged newest checkpoint: the one before it
+    torch.save({"ema": [1, 2]}, ckpts[-1])  # ... and a foreign newest checkpoint: the one before it
     r = run(str(run_dir), "--prompt", PROMPT, "--out", str(tmp_path / "fallback.png"), "--steps", "2")
     assert r.returncode == 0, r.stderr
     warnings = r.stderr.strip().splitlines()
