@@ -95,7 +95,8 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> list:
     out_dir = os.path.join(cfg.cache_dir, "check")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from
+    data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from, if still there
+    data_dir = data_dir if os.path.isdir(data_dir) else cfg.data_dir
     for source in tqdm(picks, desc="decode", unit="img"):
         e = manifest["entries"][source]
         stem = os.path.splitext(e["file"])[0]

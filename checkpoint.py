@@ -6,6 +6,7 @@ resolved config (train.py builds it); the learning rate is a function of the ste
 """
 import os
 import random
+import re
 
 import torch
 
@@ -17,11 +18,12 @@ def checkpoint_dir(cfg: Config) -> str:
 
 
 def list_checkpoints(cfg: Config) -> list:
+    """The run's step_<N>.pt files, oldest step first (other files in checkpoints/ are left alone)."""
     d = checkpoint_dir(cfg)
     if not os.path.isdir(d):
         return []
-    names = sorted(n for n in os.listdir(d) if n.startswith("step_") and n.endswith(".pt"))
-    return [os.path.join(d, n) for n in names]
+    names = [n for n in os.listdir(d) if re.fullmatch(r"step_\d+\.pt", n)]
+    return [os.path.join(d, n) for n in sorted(names, key=lambda n: int(n[5:-3]))]
 
 
 def rng_state(gen) -> dict:
@@ -118,24 +120,33 @@ def checkpoint_step(path: str) -> int:
 
 
 def lock_run(cfg: Config):
-    """Hold a lock on the run (out_dir/.<run_name>.lock) while training: a second train.py on the same
-    run_dir would interleave logs and prune the other's checkpoints. Returns the open lock file (the lock
-    lasts while it is open, and ends with the process, even on kill -9; unlock_run removes it); ConfigError
-    if another process holds it."""
+    """Hold a lock on the run (.<name>.lock beside its folder) while training: a second train.py on the
+    same run_dir would interleave logs and prune the other's checkpoints. Returns the open lock file (the
+    lock lasts while it is open, and ends with the process, even on kill -9; unlock_run removes it);
+    ConfigError if another process holds it."""
     try:
         import fcntl
     except ImportError:  # Windows: no flock; run without the lock
         return None
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    f = open(os.path.join(cfg.out_dir, f".{cfg.run_name}.lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        owner = f.read().strip() or "?"
-        f.close()
-        raise ConfigError(f"{cfg.run_dir} is in use by another train.py (pid {owner}); give this one another "
-                          "run_name=, or wait for it to end") from None
+    parent, name = os.path.split(os.path.abspath(cfg.run_dir))
+    os.makedirs(parent, exist_ok=True)
+    path = os.path.join(parent, f".{name}.lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            owner = f.read().strip() or "?"
+            f.close()
+            raise ConfigError(f"{cfg.run_dir} is in use by another train.py (pid {owner}); give this one "
+                              "another run_name=, or wait for it to end") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()  # locked a file its holder removed on release meanwhile: lock the current one
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()

@@ -177,7 +177,7 @@ def _metadata_table(path: str, stamp: str) -> tuple:
         return {}, str(e)
     if path.endswith(".jsonl"):
         rows = []
-        for line in text.splitlines():
+        for line in text.split("\n"):  # not splitlines(): U+2028 and the like may stand inside a caption
             try:
                 rows.append(json.loads(line))
             except ValueError:  # a bad line costs its own image's caption, not the file's
@@ -227,7 +227,7 @@ def metadata_caption(image_path: str, root: str = None):
         parent, name = os.path.split(folder)
         if parent == folder or folder == top:
             return None, None, problem
-        folder, rel = parent, f"{name}/{rel}"
+        folder, rel = parent, f"{unicodedata.normalize('NFC', name)}/{rel}"
 
 
 def read_caption(image_path: str, root: str = None) -> str:

@@ -98,7 +98,8 @@ def skips_on_device(optimizer) -> bool:
 
 @torch.no_grad()
 def update_ema(ema_model, model, weight):
-    """ema += weight * (model - ema), in fp32; weight = 1 - decay, a float or a 0-dim tensor."""
+    """ema += weight * (model - ema), in fp32; weight = 1 - decay, a float or a 0-dim tensor on the device
+    (passed as a list: the single-weight overload would read a tensor on the host, a sync)."""
     ema_params = list(ema_model.parameters())
     params = [p.detach().float() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, weight)
+    torch._foreach_lerp_(ema_params, params, [weight] * len(params) if torch.is_tensor(weight) else weight)

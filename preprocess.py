@@ -43,7 +43,8 @@ from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images,
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 ENTRY_KEYS = {"file", "fingerprint", "bucket", "latent_shape", "tokens", "sum", "sumsq", "count"}
-RETRIED_SKIPS = ("not accessible",)  # tried again every run: a permission may be fixed, a file come back
+# tried again every run: a permission may be fixed, a file come back, the precision be changed
+RETRIED_SKIPS = ("not accessible", "non-finite encoding")
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
 # The settings a cache is built with: using it with other values would be silently wrong data.
 CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
@@ -173,7 +174,7 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
         fp = fingerprint(path, cfg.data_dir)
     except OSError as e:  # deleted since it was listed, a dangling link, no permission
         raise Skip("not accessible", f"cannot read it ({e.strerror or e})") from None
-    try:
+    try:  # any failure from here on is this file's: a Skip with its fingerprint
         caption = read_caption(path, cfg.data_dir)
         img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
         bucket = bucket_for(img.width, img.height, buckets)
@@ -182,9 +183,10 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
             raise Skip("too small", f"{img.width}x{img.height} needs {up:.1f}x enlargement to fill bucket "
                                     f"{bucket[0]}x{bucket[1]} (max_upscale={cfg.max_upscale})")
         return fp, bucket, resize_and_crop(img, bucket), caption
-    except Skip as skip:
+    except Exception as e:
+        skip = e if isinstance(e, Skip) else Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")
         skip.fingerprint = fp
-        raise
+        raise skip from None
 
 
 def prepared_in_order(cfg: Config, todo: list, buckets):
@@ -196,7 +198,7 @@ def prepared_in_order(cfg: Config, todo: list, buckets):
         except Skip as s:
             return s
         except Exception as e:  # anything else one odd file raises costs that file, not the run
-            return Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")
+            return Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")  # (prepare() catches most)
 
     workers = min(8, os.cpu_count() or 1)
     sources = iter(todo)
@@ -348,8 +350,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             path = os.path.join(cfg.cache_dir, e["file"])
             say(f"warning: {path}: cache file missing or damaged - re-encoding {source}", file=sys.stderr)
             todo.append(source)
-        elif s and fp is not None and s["fingerprint"] == fp and s["reason"] not in RETRIED_SKIPS \
-                and s.get("max_upscale") == cfg.max_upscale:  # the same file would be skipped again
+        elif s and fp is not None and s["fingerprint"] == fp and s["reason"] not in RETRIED_SKIPS and (
+                s["reason"] != "too small" or s.get("max_upscale") == cfg.max_upscale):  # it would be again
             kept_skipped[source] = s
         else:
             todo.append(source)
@@ -385,6 +387,11 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         new_entries = {k: v for e, _ in gathered for k, v in e.items()}
         new_skipped = {k: v for _, s in gathered for k, v in s.items()}
 
+    for source, s in list(new_skipped.items()):  # cached before, unreadable just now: keep what was cached
+        if s["reason"] == "not accessible" and source in old_entries \
+                and cache_file_intact(cfg.cache_dir, old_entries[source]):
+            kept[source] = old_entries[source]
+            del new_skipped[source]
     entries = dict(sorted({**kept, **new_entries}.items()))
     skipped = dict(sorted({**kept_skipped, **new_skipped}.items()))
     mean, std = latent_stats(entries, cfg.latent_channels)

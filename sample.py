@@ -226,7 +226,8 @@ def main():
         raise ConfigError("--num and --steps must be >= 1")
     check_sampling_options(args)
     Image.init()
-    if os.path.isdir(args.out) or os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+    if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
+            not in Image.SAVE:  # a format Pillow writes
         raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp)")
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)

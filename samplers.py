@@ -337,13 +337,13 @@ def timestep_bucket(t: torch.Tensor, n: int = 4) -> torch.Tensor:
     return (t.detach().float() * n).long().clamp(0, n - 1)
 
 
-def loss_per_bucket(per_sample_loss: torch.Tensor, t: torch.Tensor, n: int = 4):
+def loss_per_bucket(per_sample_loss: torch.Tensor, t: torch.Tensor, n: int = 4, skip_nonfinite: bool = False):
     """(sums, counts), both (n,) float: the detached per-sample losses summed per time bucket, and how
-    many samples fell in each (non-finite losses left out); accumulate over a logging window, then log
-    sums / counts."""
+    many samples fell in each (skip_nonfinite: non-finite losses left out, as training skips their steps);
+    accumulate over a logging window, then log sums / counts."""
     idx = timestep_bucket(t, n).to(per_sample_loss.device)
     loss = per_sample_loss.detach().float()
-    finite = torch.isfinite(loss)
+    finite = torch.isfinite(loss) if skip_nonfinite else torch.ones_like(loss, dtype=torch.bool)
     sums = torch.zeros(n, device=loss.device).index_add_(0, idx, torch.where(finite, loss, 0.0))
     counts = torch.zeros(n, device=idx.device).index_add_(0, idx, finite.float())
     # (index_add_, not bincount: bincount's output size needs a host-device sync on CUDA)

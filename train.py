@@ -246,7 +246,8 @@ def run_training(cfg: Config) -> dict:
             if same_optimizer:
                 optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig) if f.name != "in_channels"]
+            model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
+                                                if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
             differ = [f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in model_keys
                       if k in trained and trained[k] != getattr(cfg, k)]
             why = "; ".join(differ) or str(e).splitlines()[0][:120]
@@ -368,7 +369,7 @@ def run_training(cfg: Config) -> dict:
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
-            s, c = S.loss_per_bucket(per_sample.float(), t, 4)
+            s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step)
         streak = torch.where(finite, 0, streak + 1)  # counted on the device: read on logging steps only

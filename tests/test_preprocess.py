@@ -269,8 +269,11 @@ def test_metadata_files_as_spreadsheets_and_scripts_write_them(tmp_path):
     for name, caption in want.items():
         assert images.read_caption(str(tmp_path / name), str(tmp_path)) == caption, name
     os.remove(tmp_path / "metadata.csv")
-    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cut.png", "text": "a moon \ud83c"}) + "\n")
+    lines = [json.dumps({"file_name": "cut.png", "text": "a moon \ud83c"}),  # escaped: \\ud83c
+             json.dumps({"file_name": "a.png", "text": "one\u2028two"}, ensure_ascii=False)]  # U+2028 as it is
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert images.read_caption(str(tmp_path / "cut.png"), str(tmp_path)) == "a moon"  # the half emoji dropped
+    assert images.read_caption(str(tmp_path / "a.png"), str(tmp_path)) == "one two"  # U+2028 in a JSON line
     os.remove(tmp_path / "metadata.jsonl")
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\u00e9 au lait\n".encode("cp1252"))  # Excel
     with pytest.raises(images.Skip, match=r"no entry .*\(metadata.csv is not UTF-8 \(bad byte at 24\)\)"):
@@ -512,10 +515,17 @@ def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_di
     assert "ValueError: an odd failure" in manifest["skipped"]["img_002.png"]["message"]
     monkeypatch.setattr(P, "load_image", real_load)
     encoded = record_encoded(monkeypatch)
-    assert len(P.ensure_cache(cfg)["entries"]) == 6 and sorted(encoded) == ["img_001.png", "img_002.png"]
+    assert len(P.ensure_cache(cfg)["entries"]) == 5 and encoded == ["img_001.png"]  # the broken one: not again
     encoded.clear()
     again = P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(data) + "/", max_upscale=3.0))
-    assert encoded == ["small.png"] and len(again["entries"]) == 7  # only the skip whose setting changed
+    assert encoded == ["small.png"] and len(again["entries"]) == 6  # only the skip whose setting changed
+    os.utime(data / "img_003.png", ns=(1, 1))  # changed, and then not readable while preprocess runs:
+    monkeypatch.setattr(P, "load_image", lambda path, *a, **k: real_load(path + ".gone", *a, **k)
+                        if path.endswith("img_003.png") else real_load(path, *a, **k))
+    kept = P.ensure_cache(cfg)
+    assert kept["entries"]["img_003.png"] == again["entries"]["img_003.png"]  # its cached file is kept
+    assert "img_003.png" not in kept["skipped"]
+    monkeypatch.setattr(P, "load_image", real_load)
 
     shutil.rmtree(cfg.cache_dir)
     real_to_tensor, calls = latents.images_to_tensor, {"n": 0}

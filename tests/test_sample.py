@@ -57,6 +57,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--seed", "99999999999999999999"),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
+        (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
     ]
     for args in cases:
         r = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "x.png")]))

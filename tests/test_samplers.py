@@ -349,5 +349,8 @@ def test_timestep_buckets():
     assert not sums.requires_grad
     sums, counts = S.loss_per_bucket(loss[:2], t[:2])
     assert counts.tolist() == [2.0, 0.0, 0.0, 0.0]
-    sums, counts = S.loss_per_bucket(torch.tensor([1.0, float("nan"), 2.0, float("inf")]), t[[0, 1, 3, 4]])
-    assert sums.tolist() == [1.0, 0.0, 2.0, 0.0] and counts.tolist() == [1.0, 0.0, 1.0, 0.0]  # non-finite: out
+    bad = torch.tensor([1.0, float("nan"), 2.0, float("inf")])
+    sums, counts = S.loss_per_bucket(bad, t[[0, 1, 3, 4]], skip_nonfinite=True)  # training: skipped steps out
+    assert sums.tolist() == [1.0, 0.0, 2.0, 0.0] and counts.tolist() == [1.0, 0.0, 1.0, 0.0]
+    sums, counts = S.loss_per_bucket(bad, t[[0, 1, 3, 4]])  # validation: a NaN model shows as NaN
+    assert math.isnan(sums[0]) and math.isinf(sums[2]) and counts.tolist() == [2.0, 0.0, 2.0, 0.0]

@@ -280,6 +280,11 @@ def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_d
     names = sorted(os.listdir(C.checkpoint_dir(cfg)))
     assert names == ["step_0000002.pt", "step_0000004.pt", "step_0000005.pt", "step_0000006.pt.abandoned"]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".lock")]
+    nested = get_config("tiny", **dict(args, run_name="sweep/lr5e-4"))  # a run in a folder of runs
+    C.unlock_run(C.lock_run(nested))
+    open(os.path.join(C.checkpoint_dir(cfg), "step_final.pt"), "w").close()  # a stray file: not ours
+    torch.save(state, os.path.join(C.checkpoint_dir(cfg), "step_10000000.pt"))
+    assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [2, 4, 5, 10000000]  # by step
 
 
 def test_a_fresh_run_sets_an_earlier_one_in_its_folder_aside(tiny_data, tmp_path):
@@ -413,6 +418,9 @@ def test_a_non_finite_gradient_skips_the_step_on_the_device_like_the_host_check(
         assert any(changed) == (bad is None)  # a good step moves weights, EMA and state; a bad one nothing
     steps = {int(st["step"]) for st in opt_a.state.values()}
     assert steps == {3}  # three good steps counted (bias correction), the skipped ones not
+    with torch.device("meta"):  # the EMA takes the weight as a device tensor: no .item() (a sync on CUDA)
+        ema, net = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        optim.update_ema(ema, net, torch.tensor(True) * 0.5)
 
 
 def test_compile_for_training_regional_with_checkpointing_matches_eager():
