@@ -181,6 +181,10 @@ def default_val_prompts(cfg: Config, val_set) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
+RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "log_every", "val_every",
+               "checkpoint_every", "keep_checkpoints"}  # settings a resume changes without a note
+
+
 def train(cfg: Config) -> dict:
     """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir'}. The run
     folder is locked meanwhile: a second train.py on it stops with a one-line error."""
@@ -255,6 +259,10 @@ def run_training(cfg: Config) -> dict:
         if not same_optimizer and master:
             print(f"warning: {resume_path} was trained with optimizer={trained['optimizer']}: "
                   f"optimizer={cfg.optimizer} starts from a fresh state")
+        changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
+                   if k in trained and trained[k] != v and k not in RESUME_FREE]
+        if changed and master:  # allowed, but a resumed run is then not the run it continues
+            print(f"note: resuming with changed settings: {', '.join(changed)}")
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"], gen)
         if master:

@@ -251,7 +251,7 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
     assert switched["step"] == 3 and switched["status"] == "done"
 
 
-def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path):
+def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path, capsys):
     """Resuming from step 4 of a 6-step run: the log rows of steps 5-6 (and a row cut off by a kill) go,
     the later checkpoint is renamed *.abandoned (pruning and resume=auto must not prefer it), and the
     max_minutes clock goes on from the checkpoint's (a resumed run near its time limit anneals and stops)."""
@@ -273,6 +273,7 @@ def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_d
     branch = get_config("tiny", **dict(args, resume=step4, max_steps=10, max_minutes=10.0, learning_rate=5e-4))
     result = T.train(branch)
     assert result["status"].startswith("stopped after max_minutes") and result["step"] == 5
+    assert "note: resuming with changed settings: learning_rate 0.001 -> 0.0005" in capsys.readouterr().out
     with open(os.path.join(cfg.run_dir, "log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
