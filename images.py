@@ -184,15 +184,17 @@ def _metadata_table(path: str, stamp: str) -> tuple:
                 continue
     else:
         csv.field_size_limit(2 ** 31 - 1)  # one long caption must not cost the whole file
+        header = text.split("\n", 1)[0]
+        delimiter = max(",;\t", key=header.count)  # the header's: Excel in many locales writes ";"
         try:
-            reader = csv.DictReader(io.StringIO(text), restkey="\0rest")
+            reader = csv.DictReader(io.StringIO(text), delimiter=delimiter, restkey="\0rest")
             rows = list(reader)
         except csv.Error as e:
             return {}, f"{name} is not a readable CSV ({e})"
         last = (reader.fieldnames or [""])[-1]
         for row in rows:
             if row.get("\0rest") and isinstance(row.get(last), str):
-                row[last] = ",".join([row[last]] + row.pop("\0rest"))
+                row[last] = delimiter.join([row[last]] + row.pop("\0rest"))
     table = {}
     for row in rows:
         if not isinstance(row, dict):

@@ -26,7 +26,9 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
+import warnings
 from collections import Counter, defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -189,16 +191,29 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
         raise skip from None
 
 
+decoding = threading.local()  # .path: the image a decoding thread is on (for one_line_warning)
+
+
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Python warnings raised while an image is read (Pillow: corrupt EXIF, decompression-bomb size) as one
+    line naming the image, like preprocess's own warnings (instead of two naming Pillow's source)."""
+    where = getattr(decoding, "path", None) or f"{filename}:{lineno}"
+    tqdm.write(f"warning: {where}: {category.__name__}: {message}", file=sys.stderr)
+
+
 def prepared_in_order(cfg: Config, todo: list, buckets):
     """Yield (source, prepare(...) or its Skip) in order. Decoding and resizing run in threads (PIL
     releases the GIL there), a bounded window ahead of the encoder, so the GPU is not kept waiting."""
     def safe(source):
+        decoding.path = os.path.join(cfg.data_dir, source)
         try:
             return prepare(cfg, source, buckets)
         except Skip as s:
             return s
         except Exception as e:  # anything else one odd file raises costs that file, not the run
             return Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")  # (prepare() catches most)
+        finally:
+            decoding.path = None
 
     workers = min(8, os.cpu_count() or 1)
     sources = iter(todo)
@@ -260,25 +275,28 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
-    try:
-        for source, result in prepared_in_order(cfg, todo, buckets):
-            bar.update(1)
-            if isinstance(result, Skip):
-                path = os.path.join(cfg.data_dir, source)
-                skipped[source] = {"fingerprint": getattr(result, "fingerprint", None), "reason": result.reason,
-                                   "message": str(result), "max_upscale": cfg.max_upscale}
-                tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
-                continue
-            fp, bucket, img, caption = result
-            pending[bucket].append((source, fp, img, caption))
-            if len(pending[bucket]) >= cfg.preprocess_batch_size:
+    with warnings.catch_warnings():  # entered and left by this thread only; the decoding threads just warn
+        warnings.filterwarnings("always", module=r"PIL\.")  # each image's, not only the first one's
+        warnings.showwarning = one_line_warning
+        try:
+            for source, result in prepared_in_order(cfg, todo, buckets):
+                bar.update(1)
+                if isinstance(result, Skip):
+                    path = os.path.join(cfg.data_dir, source)
+                    skipped[source] = {"fingerprint": getattr(result, "fingerprint", None), "reason": result.reason,
+                                       "message": str(result), "max_upscale": cfg.max_upscale}
+                    tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
+                    continue
+                fp, bucket, img, caption = result
+                pending[bucket].append((source, fp, img, caption))
+                if len(pending[bucket]) >= cfg.preprocess_batch_size:
+                    flush(bucket)
+            for bucket in list(pending):
                 flush(bucket)
-        for bucket in list(pending):
-            flush(bucket)
-    except (Exception, KeyboardInterrupt) as e:  # a full disk, Ctrl-C, out of memory: the caller records
-        raise EncodingStopped(e, entries, skipped) from None  # what was written, then reports e
-    finally:
-        bar.close()
+        except (Exception, KeyboardInterrupt) as e:  # a full disk, Ctrl-C, out of memory: the caller records
+            raise EncodingStopped(e, entries, skipped) from None  # what was written, then reports e
+        finally:
+            bar.close()
     return entries, skipped
 
 

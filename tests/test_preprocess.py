@@ -278,6 +278,8 @@ def test_metadata_files_as_spreadsheets_and_scripts_write_them(tmp_path):
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\u00e9 au lait\n".encode("cp1252"))  # Excel
     with pytest.raises(images.Skip, match=r"no entry .*\(metadata.csv is not UTF-8 \(bad byte at 24\)\)"):
         images.read_caption(str(tmp_path / "a.png"), str(tmp_path))
+    (tmp_path / "metadata.csv").write_text("file_name;text\na.png;a red flower, in a garden; at noon\n")
+    assert images.read_caption(str(tmp_path / "a.png"), str(tmp_path)) == "a red flower, in a garden; at noon"
 
 
 def write_bad_inputs(data):
@@ -489,7 +491,7 @@ def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkey
     assert len(P.ensure_cache(cfg)["entries"]) == 7 and len(encoded) == 3  # the re-run encodes the rest only
 
 
-def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_dir, monkeypatch):
+def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_dir, monkeypatch, capsys):
     """A file gone or failing while preprocess runs is skipped (and tried again next run); an error in the
     encoder (here: out of memory, then any other) keeps the batches encoded before it; a changed
     max_upscale retries the images it skipped; another spelling of data_dir re-encodes nothing."""
@@ -525,6 +527,19 @@ def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_di
     kept = P.ensure_cache(cfg)
     assert kept["entries"]["img_003.png"] == again["entries"]["img_003.png"]  # its cached file is kept
     assert "img_003.png" not in kept["skipped"]
+
+    def warns(path, *a, **k):  # what Pillow does for a JPEG with broken EXIF: a Python warning
+        warnings.warn_explicit("Corrupt EXIF data", UserWarning, "TiffImagePlugin.py", 1, module="PIL.Tiff")
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(P, "load_image", warns)
+    for name in ("img_004.png", "img_005.png"):
+        os.utime(data / name, ns=(1, 1))  # changed: read again
+    capsys.readouterr()
+    P.ensure_cache(cfg)
+    err = sorted(line for line in capsys.readouterr().err.splitlines() if "Corrupt EXIF" in line)  # threads
+    assert err == [f"warning: {data / n}: UserWarning: Corrupt EXIF data" for n in ("img_003.png", "img_004.png",
+                                                                                   "img_005.png")]  # one each
     monkeypatch.setattr(P, "load_image", real_load)
 
     shutil.rmtree(cfg.cache_dir)
