@@ -245,7 +245,7 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
     typed = {}
     for key, value in overrides.items():
         if key not in defaults:
-            close = difflib.get_close_matches(key, defaults, n=1)
+            close = difflib.get_close_matches(key.lower(), defaults, n=1)  # Batch_Size -> batch_size
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"unknown setting '{key}'{hint}")
         default = defaults[key]

@@ -40,11 +40,10 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
                     per_pair=8):
     """Generate the evaluation prompts, score them; returns {'seen': {...}, 'held_out': {...}, ...}."""
     import shapes
-    from latents import LatentSpace
-    from sample import encode_prompts, generate, save_grid
+    from sample import encode_prompts, generate, latent_space_for, save_grid
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     prompts = [shapes.caption(a) for a in attrs_list]
-    space = LatentSpace.from_config(cfg, device=device)
+    space = latent_space_for(cfg, device)
     text, mask = encode_prompts(cfg, prompts, device)
     sizes = eval_sizes(cfg)
     images = [None] * len(prompts)
@@ -91,11 +90,11 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
     import random
     import shapes
     import samplers as S
-    from latents import LatentSpace, images_to_tensor, tensor_to_images
+    from latents import images_to_tensor, tensor_to_images
     from images import resize_and_crop
-    from sample import encode_prompts, sampling_shift
+    from sample import encode_prompts, latent_space_for, sampling_shift
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
-    space = LatentSpace.from_config(cfg, device=device)
+    space = latent_space_for(cfg, device)
     text, mask = encode_prompts(cfg, [shapes.caption(a) for a in attrs_list], device)
     rng = random.Random(seed)
     truth = [shapes.render(a, *shapes.canvas_size(a["aspect"]), rng) for a in attrs_list]
@@ -166,8 +165,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     """FID of generated images (held-out captions) against the held-out source images."""
     from dataset import CachedDataset
     from images import load_image, resize_and_crop
-    from latents import LatentSpace
-    from sample import encode_prompts, generate
+    from sample import encode_prompts, generate, latent_space_for
     if not inception_path or not os.path.isfile(inception_path):
         return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
                       "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
@@ -186,7 +184,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
         if os.path.isfile(src):
             c, h, w = it["latents"].shape
             real.append(resize_and_crop(load_image(src), (w * cfg.vae_downsample, h * cfg.vae_downsample)))
-    space = LatentSpace.from_config(cfg, device=device)
+    space = latent_space_for(cfg, device)
     fake = []
     for it in items:
         c, h, w = it["latents"].shape
@@ -203,7 +201,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off)")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,7 +215,7 @@ def main():
         raise ConfigError("--steps and --per-pair must be >= 1")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
-    from sample import check_sampling_options, load_run, with_sample_shift
+    from sample import check_sampling_options, load_run, run_step, with_sample_shift
     check_sampling_options(args)
     import train as T
     from dataset import make_loader
@@ -226,8 +224,8 @@ def main():
     cfg = with_sample_shift(cfg, args.shift)
     out_dir = os.path.join(args.run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    report = {"sampler": args.sampler or cfg.sampler, "steps": args.steps or cfg.sample_steps,
-              "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg, "sample_shift": cfg.sample_shift}
+    report = {"trained_steps": run_step(args.run_dir), "sampler": args.sampler or cfg.sampler,
+              "steps": args.steps or cfg.sample_steps, "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg, "sample_shift": cfg.sample_shift}
     report_path = os.path.join(out_dir, "eval.json")
 
     def save_report():  # after each part: a Ctrl-C later keeps the scores printed so far
@@ -262,7 +260,8 @@ def main():
     print(message)
     report["fid"] = fid
     save_report()
-    print(f"wrote {out_dir}/eval.json ({report['sampler']}, {report['steps']} steps, cfg {report['cfg_scale']}, "
+    print(f"wrote {out_dir}/eval.json (a model trained {report['trained_steps']} steps; {report['sampler']}, "
+          f"{report['steps']} steps, cfg {report['cfg_scale']}, "
           f"sample_shift {report['sample_shift'] or 'as trained'})")
 
 

@@ -14,7 +14,7 @@ import os
 import re
 import sys
 
-from config import ConfigError, main_guard
+from config import ConfigError, exit_with_help_if_asked, main_guard
 
 BUCKET_COLUMN = re.compile(r"^loss_t(\d+)$")
 
@@ -152,6 +152,7 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
 
 
 def main():
+    exit_with_help_if_asked(sys.argv[1:])
     if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         raise ConfigError("usage: python generate_graph.py runs/<name>")
     run_dir = sys.argv[1]

@@ -3,8 +3,9 @@
     python preprocess.py [preset] [key=value ...] [--force]
     torchrun --nproc_per_node=4 preprocess.py flowers        # each rank encodes files[rank::4]
 
-Reads cfg.data_dir recursively: images (png, jpg, jpeg, webp) with a caption in a sibling .txt or
-.caption file of the same stem, or in a metadata.jsonl / metadata.csv (Hugging Face imagefolder).
+Reads cfg.data_dir recursively: images (images.IMAGE_EXTS: png, jpg, webp, avif, bmp, gif, tiff) with a
+caption in a sibling .txt or .caption file of the same stem (UTF-8, UTF-16 or UTF-32), or in a
+metadata.jsonl / metadata.csv (Hugging Face imagefolder).
 Each image goes to the aspect-ratio bucket nearest its own (area about target_resolution**2, sides
 multiples of bucket_align, the NovelAI/SDXL multi-aspect scheme), is
 resized to cover it (Lanczos) and centre-cropped, then encoded. cfg.cache_dir gets one .pt per image
@@ -15,10 +16,11 @@ that repeats (the shapes set has ~540 distinct ones) goes through the text encod
 Re-runs are incremental: only new or changed images (size + mtime of image and caption), and images
 whose cache file is missing or no longer has the size it was written with, are encoded; entries of
 deleted images are dropped; --force rebuilds. Bad input never stops the run: unreadable,
-truncated or empty images, missing, empty or non-UTF-8 captions, and images that would need more than
+truncated or empty images, missing, empty or undecodable captions, and images that would need more than
 cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
-manifest is written last and atomically, so a killed run leaves the previous cache usable; Ctrl-C or a
-full disk stops encoding with one line, and the images encoded before it are kept in the manifest.
+manifest is written last and atomically, so a killed run leaves the previous cache usable; Ctrl-C, a
+full disk or any other error stops encoding with one line, and the images encoded before it are kept in
+the manifest.
 """
 import hashlib
 import json

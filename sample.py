@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import replace
@@ -103,6 +104,32 @@ def with_sample_shift(cfg, shift):
     if not (math.isfinite(shift) and shift >= 0):
         raise ConfigError(f"--shift {shift}: must be a number >= 0 (0 = the training shift)")
     return replace(cfg, sample_shift=shift)
+
+
+def latent_space_for(cfg, device="cpu"):
+    """The run's LatentSpace as training used it: with the cache's per-channel mean/std when latent_norm
+    is on (without them the decoded colours would be off: a warning says so)."""
+    from latents import LatentSpace
+    stats = None
+    if cfg.latent_norm:
+        path = os.path.join(cfg.cache_dir, "manifest.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                stats = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"warning: latent_norm is on but {path} is not readable ({type(e).__name__}): images are "
+                  "decoded without the cache's latent mean/std", file=sys.stderr)
+    return LatentSpace.from_config(cfg, device=device, stats=stats)
+
+
+def run_step(run_dir):
+    """The step of a run's newest checkpoint (its model/ export is from the same step), or None."""
+    try:
+        names = os.listdir(os.path.join(run_dir, "checkpoints"))
+    except OSError:
+        return None
+    steps = [int(n[5:-3]) for n in names if re.fullmatch(r"step_\d+\.pt", n)]
+    return max(steps, default=None)
 
 
 def check_sampling_options(args):
@@ -200,7 +227,7 @@ def main():
     p.add_argument("--negative", default=None, help="negative prompt (replaces the null caption in CFG)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off: the prompt alone; 0 = the prompt ignored)")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
@@ -225,6 +252,8 @@ def main():
     if args.num < 1 or (args.steps is not None and args.steps < 1):
         raise ConfigError("--num and --steps must be >= 1")
     check_sampling_options(args)
+    if args.negative is not None and not args.negative.strip():
+        raise ConfigError("--negative is empty: leave it out to guide away from the null caption")
     Image.init()
     if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
             not in Image.SAVE:  # a format Pillow writes
@@ -232,13 +261,7 @@ def main():
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
     size = parse_size(args.size, cfg) if args.size else None
-    from latents import LatentSpace
-    stats = None
-    manifest_path = os.path.join(cfg.cache_dir, "manifest.json")
-    if cfg.latent_norm and os.path.isfile(manifest_path):
-        with open(manifest_path) as f:
-            stats = json.load(f)
-    latent_space = LatentSpace.from_config(cfg, device=device, stats=stats)
+    latent_space = latent_space_for(cfg, device)
     all_prompts = [p for p in prompts for _ in range(args.num)]
     text, mask = encode_prompts(cfg, prompts, device)
     text, mask = text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0)
@@ -256,7 +279,9 @@ def main():
         images[0].save(args.out)
     else:
         save_grid(images, all_prompts, args.out)
-    print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image")
+    step = run_step(args.run_dir)
+    print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
+          f"({args.run_dir}{f', trained {step} steps' if step else ''})")
 
 
 if __name__ == "__main__":

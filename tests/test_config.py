@@ -59,8 +59,9 @@ def test_bad_settings_name_the_key(argv, key):
 
 
 def test_unknown_key_suggests_the_close_one():
-    with pytest.raises(ConfigError, match="did you mean batch_size"):
-        parse_args(["batch_sise=8"])
+    for typo in ("batch_sise=8", "Batch_Size=8"):
+        with pytest.raises(ConfigError, match="did you mean batch_size"):
+            parse_args([typo])
 
 
 def test_round_trip_through_dict():
@@ -76,7 +77,7 @@ def test_script_prints_one_line_error():
 
 
 def test_help_prints_the_scripts_usage():
-    for script in ("train.py", "preprocess.py", "sanity_check.py", "bench.py"):
+    for script in ("train.py", "preprocess.py", "sanity_check.py", "bench.py", "generate_graph.py"):
         r = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0 and f"python {script}" in r.stdout and "presets: shapes" in r.stdout, r.stderr
 

@@ -58,6 +58,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
+        (tiny_run, "--prompt", PROMPT, "--negative", " "),
     ]
     for args in cases:
         r = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "x.png")]))
@@ -129,3 +130,22 @@ def test_a_prompt_longer_than_the_trained_captions_is_warned_about(tiny_run, cap
     assert len(err) == 1 and "a large red circle in the center on a wh" in err[0]
     assert f"only the first {cfg.max_token_length} are used" in err[0]
     assert text.shape[:2] == mask.shape == (2, cfg.max_token_length) and mask[1].all() and not mask[0].all()
+
+
+def test_latent_space_for_uses_the_cache_stats_like_training(tmp_path, capsys):
+    """sample.py, evaluate.py and the notebook decode with the cache's latent mean/std when latent_norm is
+    on (as train.py does), and say so when they cannot; run_step names the step a run was trained to."""
+    import json
+    from config import get_config
+    from sample import latent_space_for, run_step
+    cfg = get_config("tiny", latent_norm=True, cache_dir=str(tmp_path / "cache"))
+    assert latent_space_for(cfg).mean is None and "latent_norm is on but" in capsys.readouterr().err
+    os.makedirs(cfg.cache_dir)
+    with open(os.path.join(cfg.cache_dir, "manifest.json"), "w") as f:
+        json.dump({"latent_mean": [0.1, 0.2, 0.3], "latent_std": [1.0, 2.0, 3.0]}, f)
+    assert latent_space_for(cfg).std.tolist() == [1.0, 2.0, 3.0]
+    assert latent_space_for(get_config("tiny", cache_dir=cfg.cache_dir)).mean is None  # latent_norm off
+    os.makedirs(tmp_path / "run" / "checkpoints")
+    for name in ("step_0000200.pt", "step_0001000.pt", "step_final.pt"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
+    assert run_step(str(tmp_path / "run")) == 1000 and run_step(str(tmp_path / "nothing")) is None
