@@ -14,6 +14,7 @@ import math
 import os
 import re
 import sys
+import textwrap
 import time
 from dataclasses import replace
 
@@ -143,23 +144,23 @@ def check_sampling_options(args):
 
 def save_grid(images, labels, path, cols=None, min_side=128):
     """A labelled grid PNG. Images may differ in size (buckets): each is upscaled by an integer factor
-    (nearest, so small images can be looked at) and centred in a cell of the largest size."""
+    (nearest, so small images can be looked at) and centred in a cell of the largest size; labels are
+    wrapped at word boundaries to the cell's width (up to 4 lines)."""
     n = len(images)
     cols = cols or min(n, 4)
     rows = (n + cols - 1) // cols
     up = max(1, -(-min_side // min(min(im.size) for im in images)))
     cw, ch = max(im.size[0] for im in images) * up, max(im.size[1] for im in images) * up
-    label_h = 28 if labels else 0
+    wrapped = [textwrap.wrap(label, max(8, cw // 6))[:4] for label in labels] if labels else []
+    label_h = 4 + 12 * max(map(len, wrapped)) if wrapped else 0
     grid = Image.new("RGB", (cols * cw, rows * (ch + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         x, y = (i % cols) * cw, (i // cols) * (ch + label_h)
         w, h = img.size[0] * up, img.size[1] * up
         grid.paste(img.resize((w, h), Image.NEAREST), (x + (cw - w) // 2, y + (ch - h) // 2))
-        if labels:
-            chars = max(8, cw // 6)
-            lines = [labels[i][:chars], labels[i][chars:2 * chars]]
-            draw.multiline_text((x + 2, y + ch + 1), "\n".join(l for l in lines if l), fill=(0, 0, 0))
+        if wrapped:
+            draw.multiline_text((x + 2, y + ch + 1), "\n".join(wrapped[i]), fill=(0, 0, 0), spacing=1)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
     return path
