@@ -121,15 +121,19 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
         n = len(buckets)
         colors = plt.get_cmap("viridis")
         fig, ax = plt.subplots(figsize=(8, 4.5))
+        plotted = []
         for i, name in buckets:
             color = colors(i / max(n - 1, 1))
             s, v = _points(steps, log[name])
             if s:
                 ax.plot(s, ema_smooth(v, smoothing), color=color, lw=1.5, label=_bucket_label(i, n))
+                plotted += v
             if f"val_{name}" in val:
                 vs, vv = _points(val["step"], val[f"val_{name}"])
                 ax.plot(vs, vv, "o", color=color, ms=4)
         ax.set_xlabel("step")
+        if plotted and min(plotted) > 0 and max(plotted) / min(plotted) > 20:
+            ax.set_yscale("log")  # as loss.png: else every bucket lies flat near 0 after the first steps
         ax.set_ylabel(f"loss (EMA {smoothing}); dots: validation")
         ax.set_title("loss per timestep bucket (t=0 data, t=1 noise)")
         ax.grid(alpha=0.3)

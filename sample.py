@@ -262,6 +262,12 @@ def main():
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
     size = parse_size(args.size, cfg) if args.size else None
+    if size:
+        from images import make_buckets
+        trained = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
+        if size not in trained:
+            print(f"warning: --size {args.size} is not a size the model was trained at (its buckets: "
+                  f"{', '.join(f'{w}x{h}' for w, h in trained)}): expect worse images", file=sys.stderr)
     latent_space = latent_space_for(cfg, device)
     all_prompts = [p for p in prompts for _ in range(args.num)]
     text, mask = encode_prompts(cfg, prompts, device)
