@@ -70,11 +70,11 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
 
 
 def print_table(summary):
-    print(f"{'':10s}" + "".join(f"{a:>11s}" for a in ATTRIBUTES))
+    print(f"{'':10s}{'prompts':>8s}" + "".join(f"{a:>11s}" for a in ATTRIBUTES))
     for group in ("seen", "held_out"):
         if group in summary:
             row = summary[group]
-            print(f"{group:10s}" + "".join(f"{100 * row[a]:10.1f}%" for a in ATTRIBUTES))
+            print(f"{group:10s}{row['n']:8d}" + "".join(f"{100 * row[a]:10.1f}%" for a in ATTRIBUTES))
 
 
 RENOISE_STARTS = (0.0, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0)

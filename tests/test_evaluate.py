@@ -14,6 +14,9 @@ def test_evaluate_runs_on_a_tiny_run(tiny_run):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "held_out" in r.stdout and "FID skipped" in r.stdout
+    seen_line = next(line for line in r.stdout.splitlines() if line.startswith("seen"))
+    assert int(seen_line.split()[1]) == json.load(open(os.path.join(tiny_run, "eval", "eval.json")))[
+        "shapes"]["seen"]["n"]  # the number of prompts is printed
     report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
     seen = report["shapes"]["seen"]
     assert seen["n"] > 0 and 0.0 <= seen["all"] <= 1.0
