@@ -225,7 +225,8 @@ def main():
     out_dir = os.path.join(args.run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     report = {"trained_steps": run_step(args.run_dir), "sampler": args.sampler or cfg.sampler,
-              "steps": args.steps or cfg.sample_steps, "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg, "sample_shift": cfg.sample_shift}
+              "steps": args.steps or cfg.sample_steps, "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg,
+              "sample_shift": cfg.sample_shift}
     report_path = os.path.join(out_dir, "eval.json")
 
     def save_report():  # after each part: a Ctrl-C later keeps the scores printed so far

@@ -228,7 +228,8 @@ def main():
     p.add_argument("--negative", default=None, help="negative prompt (replaces the null caption in CFG)")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off: the prompt alone; 0 = the prompt ignored)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (1 = off: the prompt alone; 0 = the prompt ignored)")
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
