@@ -4,6 +4,7 @@ the model export), the newest K kept, and resume; a fresh run sets an earlier ru
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
 resolved config (train.py builds it); the learning rate is a function of the step (train.lr_at).
 """
+import json
 import os
 import random
 import re
@@ -18,12 +19,16 @@ def checkpoint_dir(cfg: Config) -> str:
 
 
 def list_checkpoints(cfg: Config) -> list:
-    """The run's step_<N>.pt files, oldest step first (other files in checkpoints/ are left alone)."""
-    d = checkpoint_dir(cfg)
-    if not os.path.isdir(d):
+    return step_files(checkpoint_dir(cfg))
+
+
+def step_files(folder: str) -> list:
+    """The step_<N>.pt files in a checkpoints folder, oldest step first (other files there left alone)."""
+    try:
+        names = [n for n in os.listdir(folder) if re.fullmatch(r"step_\d+\.pt", n)]
+    except OSError:  # no such folder (yet)
         return []
-    names = [n for n in os.listdir(d) if re.fullmatch(r"step_\d+\.pt", n)]
-    return [os.path.join(d, n) for n in sorted(names, key=lambda n: int(n[5:-3]))]
+    return sorted((os.path.join(folder, n) for n in names), key=checkpoint_step)
 
 
 def rng_state(gen) -> dict:
@@ -59,6 +64,14 @@ def write_atomic(path: str, write, what: str = "") -> int:
         raise WriteError(f"{path}: {what}not written ({type(e).__name__}: {str(e).splitlines()[0][:80]}; "
                          "is the disk full?)") from None
     return os.path.getsize(path)
+
+
+def write_json(path: str, obj, indent: int = 2) -> int:
+    """json.dump(obj) into path atomically (write_atomic): run configs, the manifest, eval reports."""
+    def dump(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent)
+    return write_atomic(path, dump)
 
 
 def save_checkpoint(cfg: Config, state: dict) -> str:

@@ -15,13 +15,12 @@ them back (SDEdit, Meng et al. 2022): an attribute whose score drops between two
 model loses in that noise range, which tells where training time should go (see the README).
 """
 import argparse
-import json
 import os
 import time
 
 import torch
 
-from checkpoint import write_atomic
+from checkpoint import write_json
 from config import ConfigError, main_guard, resolve_device
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
@@ -230,10 +229,7 @@ def main():
     report_path = os.path.join(out_dir, "eval.json")
 
     def save_report():  # after each part: a Ctrl-C later keeps the scores printed so far
-        def dump(tmp):
-            with open(tmp, "w") as f:
-                json.dump(report, f, indent=2)
-        write_atomic(report_path, dump)
+        write_json(report_path, report)
 
     if cfg.data_source == "shapes":
         summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,

@@ -115,11 +115,9 @@ def load_image(path: str, min_side: int = 0) -> Image.Image:
             return to_rgb(img)
     except Skip:
         raise
-    except OSError as e:
-        if e.errno is not None:  # no permission, deleted meanwhile: not the file's content
-            raise Skip("not accessible", f"cannot read it ({e.strerror})") from None
-        raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
     except Exception as e:  # UnidentifiedImageError, truncated data, decompression bombs, bad EXIF
+        if isinstance(e, OSError) and e.errno is not None:  # no permission, deleted meanwhile: not its content
+            raise Skip("not accessible", f"cannot read it ({e.strerror})") from None
         raise Skip("unreadable", f"cannot decode image ({type(e).__name__}: {str(e)[:100]})") from None
 
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from checkpoint import write_atomic
+from checkpoint import write_atomic, write_json
 from layers import (TIME_FREQ_DIM, Block, FinalLayer, GlobalFourierFilter, RMSNorm, fractional_position_embedding,
                     joint_positions, rope_angles, timestep_features)
 
@@ -238,11 +238,7 @@ class SingleStreamDiT(nn.Module):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; others may share the run
-
-        def dump(tmp):
-            with open(tmp, "w") as f:
-                json.dump(asdict(self.dc), f, indent=2)
-        write_atomic(cfg, dump)
+        write_json(cfg, asdict(self.dc))
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu") -> "SingleStreamDiT":

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import WriteError, write_atomic
+from checkpoint import WriteError, write_atomic, write_json
 from config import Config, ConfigError, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images, load_image, make_buckets,
                     metadata_caption, read_caption, resize_and_crop, upscale_needed)
@@ -119,10 +119,7 @@ class EncodingStopped(Exception):
 
 def write_manifest(cache_dir: str, manifest: dict):
     """Atomically: a reader sees the old or the new manifest, never half of one."""
-    def dump(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-    write_atomic(os.path.join(cache_dir, MANIFEST), dump)
+    write_json(os.path.join(cache_dir, MANIFEST), manifest, indent=1)
 
 
 def check_manifest(cfg: Config, manifest: dict):
@@ -252,6 +249,12 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         pairs = [found[c] for c in captions]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
+    def skip(source, fp, why: Skip):
+        """Record a skipped source (with what decides whether a later run tries it again) and say so."""
+        skipped[source] = {"fingerprint": fp, "reason": why.reason, "message": str(why),
+                           "max_upscale": cfg.max_upscale}
+        tqdm.write(f"warning: {os.path.join(cfg.data_dir, source)}: {why} - skipped", file=sys.stderr)
+
     def flush(bucket):
         items, pending[bucket] = pending[bucket], []
         if not items:
@@ -262,10 +265,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         for i, (source, fp, _, caption) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             if not (torch.isfinite(z).all() and torch.isfinite(text[i].float()).all()):  # e.g. a VAE in fp16
-                skipped[source] = {"fingerprint": fp, "reason": "non-finite encoding", "max_upscale": cfg.max_upscale,
-                                   "message": "the VAE or text encoder gave NaN/inf (an overflow in its precision?)"}
-                tqdm.write(f"warning: {os.path.join(cfg.data_dir, source)}: {skipped[source]['message']} - skipped",
-                           file=sys.stderr)
+                skip(source, fp, Skip("non-finite encoding",
+                                      "the VAE or text encoder gave NaN/inf (an overflow in its precision?)"))
                 continue
             name = cache_name(source)
             item = {"latents": z, "text": text[i].clone(), "mask": mask[i].clone(), "bucket": tuple(bucket),
@@ -284,10 +285,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             for source, result in prepared_in_order(cfg, todo, buckets):
                 bar.update(1)
                 if isinstance(result, Skip):
-                    path = os.path.join(cfg.data_dir, source)
-                    skipped[source] = {"fingerprint": getattr(result, "fingerprint", None), "reason": result.reason,
-                                       "message": str(result), "max_upscale": cfg.max_upscale}
-                    tqdm.write(f"warning: {path}: {result} - skipped", file=sys.stderr)
+                    skip(source, getattr(result, "fingerprint", None), result)
                     continue
                 fp, bucket, img, caption = result
                 pending[bucket].append((source, fp, img, caption))

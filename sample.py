@@ -12,7 +12,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import textwrap
 import time
@@ -125,12 +124,9 @@ def latent_space_for(cfg, device="cpu"):
 
 def run_step(run_dir):
     """The step of a run's newest checkpoint (its model/ export is from the same step), or None."""
-    try:
-        names = os.listdir(os.path.join(run_dir, "checkpoints"))
-    except OSError:
-        return None
-    steps = [int(n[5:-3]) for n in names if re.fullmatch(r"step_\d+\.pt", n)]
-    return max(steps, default=None)
+    from checkpoint import checkpoint_step, step_files
+    paths = step_files(os.path.join(run_dir, "checkpoints"))
+    return checkpoint_step(paths[-1]) if paths else None
 
 
 def check_sampling_options(args):

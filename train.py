@@ -13,7 +13,6 @@ max_minutes set, a run too slow to reach max_steps in time anneals on the clock 
 time_frac), so a time-cut run still ends at the low learning rate.
 """
 import csv
-import json
 import os
 import random
 import signal
@@ -29,7 +28,7 @@ from config import Config, ConfigError, main_guard, parse_args, resolve_device, 
 import samplers as S
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
                         set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, unlock_run,
-                        write_atomic)
+                        write_atomic, write_json)
 from objective import flow_matching_loss
 from optim import lr_at, make_optimizer, optimizer_update
 
@@ -284,10 +283,7 @@ def run_training(cfg: Config) -> dict:
     log = val_log = None
     if master:
         os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        def dump_config(tmp):
-            with open(tmp, "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
-        write_atomic(os.path.join(cfg.run_dir, "config.json"), dump_config)
+        write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
         resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
         log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
                      ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr",
@@ -386,7 +382,8 @@ def run_training(cfg: Config) -> dict:
         bar.update(1)
 
         # log (every rank reads the skip counts: they all stop at the same step)
-        if step % cfg.log_every == 0 or last_step:
+        log_now = step % cfg.log_every == 0 or last_step
+        if log_now:
             n_skipped, n_longest = torch.stack([skipped, longest]).tolist()
             skipped, longest = torch.zeros_like(skipped), streak.clone()
             if n_skipped and master:
@@ -395,7 +392,7 @@ def run_training(cfg: Config) -> dict:
             if n_longest >= cfg.max_nonfinite:
                 status = f"stopped: {n_longest} non-finite steps in a row (last good checkpoint kept)"
                 diverged = True
-        if master and (step % cfg.log_every == 0 or last_step):
+        if master and log_now:
             elapsed = time.time() - t_log
             mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
             row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
