@@ -118,6 +118,20 @@ class TrainStep:
         sync(self.device)
         return (time.perf_counter() - t0) / steps
 
+    def phase_times(self, steps) -> dict:
+        """Seconds per step in the forward, the backward and the optimiser update (EMA included), the
+        device synchronised around each: where the time of a step goes."""
+        out = {}
+        for _ in range(steps):
+            self.opt.zero_grad(set_to_none=True)
+            for phase, run in self.phases():
+                sync(self.device)
+                t0 = time.perf_counter()
+                run()
+                sync(self.device)
+                out[f"phase_{phase}_s"] = out.get(f"phase_{phase}_s", 0.0) + (time.perf_counter() - t0) / steps
+        return out
+
     def flops_per_step(self) -> float:
         from model import DiTConfig, flops_per_image
         h, w = self.batch["latents"].shape[-2:]
@@ -135,7 +149,8 @@ def bench_train(cfg, device, opts) -> dict:
     peak = opts["peak_tflops"] or peak_for(device)
     return {"train_s_per_step": sec, "train_images_per_s": cfg.batch_size / sec, "train_tflops": tflops,
             "mfu": tflops / peak if peak else None, "peak_tflops": peak or None,
-            "peak_mem_gib": peak_memory_gib(device), **runner.memory_phases()}
+            "peak_mem_gib": peak_memory_gib(device), **runner.phase_times(min(opts["steps"], 10)),
+            **runner.memory_phases()}
 
 
 @torch.no_grad()

@@ -95,6 +95,7 @@ class Config:
     self_consistency_start: float = 0.5  # fraction of training after which it switches on
     # --- optimisation (train.py) ---
     optimizer: str = "adamw"           # adamw (torch; fastest on CPU) | adamw8bit (bitsandbytes, less GPU memory)
+    flat_8bit: str = "auto"            # adamw8bit: the weights as a few flat buffers: auto (on for GPU) | on | off
     learning_rate: float = 1e-3        # peak learning rate
     weight_decay: float = 0.0          # on matrices only (not norms, biases, embeddings, gates)
     beta1: float = 0.9
@@ -144,7 +145,7 @@ class Config:
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
                              ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
                              ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),
-                             ("mixed_precision", PRECISIONS), ("compile", SWITCHES),
+                             ("mixed_precision", PRECISIONS), ("compile", SWITCHES), ("flat_8bit", SWITCHES),
                              ("compile_mode", COMPILE_MODES)]:
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")
         need(self.hidden_size % self.num_heads == 0, "hidden_size",

@@ -30,7 +30,7 @@ from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_st
                         set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, unlock_run,
                         write_atomic, write_json)
 from objective import flow_matching_loss
-from optim import lr_at, make_optimizer, optimizer_update
+from optim import lr_at, make_optimizer, optimizer_update, state_fits
 
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
@@ -242,7 +242,8 @@ def run_training(cfg: Config) -> dict:
 
     if resume_path:
         trained = ckpt.get("config") or {}
-        same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer
+        same_optimizer = (trained.get("optimizer", cfg.optimizer) == cfg.optimizer
+                          and state_fits(optimizer, ckpt.get("optimizer")))  # flat_8bit on or off, as here
         try:
             model.load_state_dict(ckpt["model"])
             ema_model.load_state_dict(ckpt["ema"])
@@ -256,8 +257,11 @@ def run_training(cfg: Config) -> dict:
             why = "; ".join(differ) or str(e).splitlines()[0][:120]
             raise ConfigError(f"{resume_path}: does not match this config ({why})") from None
         if not same_optimizer and master:
-            print(f"warning: {resume_path} was trained with optimizer={trained['optimizer']}: "
-                  f"optimizer={cfg.optimizer} starts from a fresh state")
+            was = trained.get("optimizer", cfg.optimizer)
+            layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
+            why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # or flat_8bit resolved otherwise
+                   "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts))
+            print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
         changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
                    if k in trained and trained[k] != v and k not in RESUME_FREE]
         if changed and master:  # allowed, but a resumed run is then not the run it continues

@@ -21,6 +21,7 @@ def test_bench_prints_a_table_and_json():
                 "vae_images_per_s", "text_captions_per_s"):
         assert key in result, key
     assert result["train_s_per_step"] > 0 and result["peak_mem_gib"] > 0
+    assert all(result[f"phase_{p}_s"] > 0 for p in ("forward", "backward", "optimizer"))  # where a step goes
     assert abs(result["mfu"] - result["train_tflops"] / 1.0) < 1e-9
 
 

@@ -51,10 +51,11 @@ def test_two_steps_write_the_expected_files(tiny_data, tmp_path):
     assert {"model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "config"} <= set(ckpt)
 
 
-def test_resume_equals_uninterrupted(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adamw8bit", "flat_8bit": "on"}])
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, optimizer):
     """N steps + resume + M steps gives the same weights as N + M steps (CPU, exact)."""
     base = tiny_args(tiny_data, tmp_path, max_steps=6, checkpoint_every=3, keep_checkpoints=5,
-                     caption_dropout=0.5)
+                     caption_dropout=0.5, **optimizer)
     full = get_config("tiny", run_name="full", **base)
     T.train(full)
     resumed = get_config("tiny", run_name="resumed",
@@ -226,7 +227,7 @@ def test_sanity_check_overfits(tiny_data, tmp_path):
             split_args([bad])
 
 
-def test_resume_errors_and_fallback(tiny_data, tmp_path):
+def test_resume_errors_and_fallback(tiny_data, tmp_path, capsys):
     from config import ConfigError
     args = tiny_args(tiny_data, tmp_path, max_steps=4, checkpoint_every=2, keep_checkpoints=3, run_name="r")
     cfg = get_config("tiny", **args)
@@ -249,6 +250,11 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path):
     switched = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", max_steps=3,
                                                  resume=path)))  # another optimiser: a fresh state for it
     assert switched["step"] == 3 and switched["status"] == "done"
+    capsys.readouterr()
+    flat = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", flat_8bit="on", max_steps=4,
+                                             resume="auto")))  # the state per tensor, this run's flat
+    out = capsys.readouterr().out
+    assert flat["step"] == 4 and "its optimiser state is per tensor, this run's flat (flat_8bit)" in out
 
 
 def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path, capsys):
@@ -351,11 +357,13 @@ def test_fused_adamw_matches_the_per_tensor_one_and_loads_its_state():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes():
-    """make_optimizer's AdamW8bit skips bnb's per-parameter synchronize and must update exactly like it."""
+@pytest.mark.parametrize("flat", ["off", "on"])
+def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes(flat):
+    """make_optimizer's AdamW8bit skips bnb's per-parameter synchronize and must update exactly like it; with
+    flat_8bit=on the weights are views into a few flat buffers, updated a buffer at a time: still exactly."""
     import bitsandbytes as bnb
     from model import DiTConfig, SingleStreamDiT
-    cfg = get_config("tiny", optimizer="adamw8bit", hidden_size=64, num_heads=2)
+    cfg = get_config("tiny", optimizer="adamw8bit", hidden_size=64, num_heads=2, flat_8bit=flat)
     torch.manual_seed(0)
     a = SingleStreamDiT(DiTConfig.from_config(cfg))
     b = SingleStreamDiT(DiTConfig.from_config(cfg))
@@ -365,29 +373,59 @@ def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes():
     opt_b = bnb.optim.AdamW8bit(b.param_groups(cfg.weight_decay), lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     assert type(opt_a).step is not bnb.optim.AdamW8bit.step
     assert any(p.numel() >= 4096 for p in a.parameters())  # some tensors take the 8-bit blockwise path
+    assert any(p.numel() < 4096 for p in a.parameters())  # and some keep 32-bit moments
+    params = [p for g in opt_a.param_groups for p in g["params"]]
+    assert len(params) == (4 if flat == "on" else len(list(a.parameters())))  # (no) decay x 8-bit/32-bit
     gen = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            pa.grad = torch.randn(pa.shape, generator=gen)
-            pb.grad = pa.grad.clone()
-        opt_a.step()
-        opt_b.step()
+
+    def steps(n):
+        for _ in range(n):
+            opt_a.zero_grad(), opt_b.zero_grad()
+            for pa, pb in zip(a.parameters(), b.parameters()):
+                pa.grad = torch.randn(pa.shape, generator=gen)
+                pb.grad = pa.grad.clone()
+            opt_a.step()
+            opt_b.step()
+
+    steps(3)
     assert not torch.equal(a.joint_blocks[0].mlp.w3.weight, a_init)  # the steps did move the weights
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), name
-    for pa, pb in zip(a.parameters(), b.parameters()):  # 8-bit moments, absmax, step count
-        sa, sb = opt_a.state[pa], opt_b.state[pb]
+    # the per-tensor state, or each weight's share of its flat buffer's: 8-bit moments, absmax, step count
+    where = {id(p): (flat_p, at) for flat_p, views in opt_a.members for p, at in views}
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        flat_p, at = where.get(id(pa), (pa, 0))
+        sa, sb = opt_a.state[flat_p], opt_b.state[pb]
         assert sa.keys() == sb.keys() and sa["step"] == sb["step"] == 3 and "state1" in sa
-        assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
+        if flat == "on":
+            assert pa.untyped_storage().data_ptr() == flat_p.untyped_storage().data_ptr()  # a view of it
+        for k in ("state1", "state2", "absmax1", "absmax2"):
+            if k in sb:
+                per = 256 if k.startswith("absmax") else 1
+                assert torch.equal(sa[k].reshape(-1)[at // per:at // per + sb[k].numel()], sb[k].reshape(-1)), k
+    saved = io.BytesIO()  # a checkpoint of both (views into flat buffers save and load as weights)
+    torch.save({"model": a.state_dict(), "opt": opt_a.state_dict()}, saved)
+    saved.seek(0)
+    ckpt = torch.load(saved, weights_only=True)
+    torch.manual_seed(5)
+    a = SingleStreamDiT(DiTConfig.from_config(cfg))
+    opt_a = T.make_optimizer(a, cfg)
+    a.load_state_dict(ckpt["model"])
+    opt_a.load_state_dict(ckpt["opt"])
+    steps(2)  # resumed: still equal to the optimiser that went on
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    if flat == "on":  # the flat gradients are freed after the update, not held through the next forward
+        assert all(p.grad is None for g in opt_a.param_groups for p in g["params"])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
-def test_a_non_finite_gradient_skips_the_step_on_the_device_like_the_host_check(optimizer, monkeypatch):
+@pytest.mark.parametrize("optimizer,flat", [("adamw", "off"), ("adamw8bit", "off"), ("adamw8bit", "on")])
+def test_a_non_finite_gradient_skips_the_step_on_the_device_like_the_host_check(optimizer, flat, monkeypatch):
     """optimizer_update with fused AdamW decides on the device (found_inf, an EMA weight of 0): it must give
     exactly what the host-side check gives (the adamw8bit path): a NaN or inf step changes nothing at all."""
     import optim
     from model import DiTConfig, SingleStreamDiT
-    cfg = get_config("tiny", optimizer=optimizer, hidden_size=64, num_heads=2, grad_clip=1.0)
+    cfg = get_config("tiny", optimizer=optimizer, hidden_size=64, num_heads=2, grad_clip=1.0, flat_8bit=flat)
     torch.manual_seed(0)
     models = [SingleStreamDiT(DiTConfig.from_config(cfg)) for _ in range(4)]  # a, its EMA, b, its EMA
     for m in models[1:]:
