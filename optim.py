@@ -49,7 +49,8 @@ def adamw8bit_class():
     become views into one flat buffer per group (see flatten_groups), whose gradient is gathered from the
     weights' in one copy, so a step is ~4 updates instead of ~230. Each weight starts on a 256-element
     boundary (bnb quantises the 8-bit moments in blocks of 256) and weights under min_8bit_size keep 32-bit
-    moments, as bnb gives them: the update equals the per-tensor one (tested).
+    moments, as bnb gives them: the update equals the per-tensor one (tested; a weight without a gradient
+    counts as one with a zero gradient, where bnb would leave it alone: every weight here has one).
     """
     import bitsandbytes as bnb  # imported here: it is slow to import
 

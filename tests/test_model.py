@@ -307,3 +307,16 @@ def test_rope_table_built_while_sampling_serves_training():
         model(x, t, text, mask)
     model(x, t, text, mask).square().mean().backward()  # would fail on an inference-mode table
     assert model.joint_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kw", [{}, {"grad_checkpointing": True, "local_bias": False, "refiner_depth": 0}])
+def test_the_forward_compiles_as_one_graph(kw):
+    """torch.compile traces the whole forward (Fourier filters, RoPE, local bias, null caption, masked and
+    unmasked attention, checkpointed blocks) without a graph break: one graph, no host-device sync."""
+    model = perturbed(tiny(**kw)).train()
+    x, t, text, mask = inputs()
+    drop = torch.tensor([False, True])
+    for padded in (True, False, None):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model)(x, t, text, mask, drop, text_padded=padded)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
