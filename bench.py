@@ -111,6 +111,8 @@ class TrainStep:
         return out
 
     def time(self, steps) -> float:
+        if steps == 0:  # warmup=0
+            return 0.0
         sync(self.device)
         t0 = time.perf_counter()
         for _ in range(steps):

@@ -8,6 +8,7 @@ The first bare word names a preset; every `key=value` is checked against the fie
 (an unknown key or a wrong type is a one-line error). Defaults are the embedded `shapes` preset.
 """
 import difflib
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -142,6 +143,14 @@ class Config:
             if not ok:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
 
+        for f in fields(self):  # nan passes every comparison below, inf most
+            if isinstance(getattr(self, f.name), float):
+                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
+        need(abs(self.seed) < 2 ** 53, "seed", "must be within +-2**53")  # train.py seeds with seed * 1000 + rank
+        for key in ("data_dir", "cache_dir"):
+            need(getattr(self, key).strip() != "", key, "must name a folder")
+        need(self.sample_steps <= 10000, "sample_steps", "must be <= 10000")
+        need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (tokenizers add start/end tokens)")
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
                              ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
                              ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),

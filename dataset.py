@@ -112,7 +112,7 @@ class CachedDataset(Dataset):
             if self.cfg.hflip and rng.random() < 0.5:
                 latents = latents.flip(-1)  # in VAE latent space only approximately the flipped image's latent
         return {"latents": latents, "text": d["text"].float(), "mask": d["mask"].bool(),  # (L, D), (L,)
-                "drop": torch.tensor(drop), "caption": d["caption"]}
+                "drop": torch.tensor(drop), "caption": d["caption"], "index": i}
 
 
 def _prod(xs):
@@ -123,14 +123,16 @@ def _prod(xs):
 
 
 def collate(items: list) -> dict:
-    """Stack one bucket's items: latents (B, C, h, w), text (B, L, D), mask (B, L), drop (B,), captions."""
+    """Stack one bucket's items: latents (B, C, h, w), text (B, L, D), mask (B, L), drop (B,), captions,
+    index (B,)."""
     if len({tuple(it["latents"].shape) for it in items}) > 1:
         raise ValueError("collate: items from different buckets (use BucketBatchSampler)")
     return {"latents": torch.stack([it["latents"] for it in items]),
             "text": torch.stack([it["text"] for it in items]),
             "mask": torch.stack([it["mask"] for it in items]),
             "drop": torch.stack([it["drop"] for it in items]),
-            "captions": [it["caption"] for it in items]}
+            "captions": [it["caption"] for it in items],
+            "index": torch.tensor([it.get("index", -1) for it in items])}  # the samples' places in the split
 
 
 class BucketBatchSampler(Sampler):

@@ -17,13 +17,15 @@ def fourier_losses(x0_hat, x0):
     """Amplitude loss (match |FFT|) and correlation loss (1 - normalised spectral cross-correlation).
 
     |z| has no gradient at z = 0, which is exactly where a zero-initialised x-prediction starts, so the
-    magnitudes are taken as sqrt(|z|^2 + tiny) and the norms are clamped before their square root."""
+    magnitudes are taken as sqrt(|z|^2 + tiny). The correlation is scale-free, so its gradient grows as
+    1/|x0_hat| (3.8e8 at a zero output): x0_hat's power counts as at least 1e-3 of x0's in the norm."""
     fa = torch.fft.rfft2(x0_hat.float(), norm="ortho")
     fb = torch.fft.rfft2(x0.float(), norm="ortho")
     power_a, power_b = fa.real ** 2 + fa.imag ** 2, fb.real ** 2 + fb.imag ** 2
     amp = F.mse_loss((power_a + 1e-12).sqrt(), power_b.sqrt())
     cross = (fa * fb.conj()).real.sum(dim=(-2, -1))
-    norm = (power_a.sum(dim=(-2, -1)) * power_b.sum(dim=(-2, -1))).clamp_min(1e-16).sqrt()
+    total_b = power_b.sum(dim=(-2, -1)).clamp_min(1e-12)
+    norm = (torch.maximum(power_a.sum(dim=(-2, -1)), 1e-3 * total_b) * total_b).sqrt()
     corr = (1 - cross / norm).mean()
     return amp, corr
 
@@ -36,13 +38,21 @@ def elementwise_loss(pred, target, cfg: Config):
     return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
 
 
-def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None):
-    """Loss on the (implied) velocity. Returns (loss, per-sample loss, t)."""
+def noise_like(x0, cfg: Config, gen):
+    """Gaussian noise for x0; with offset_noise plus a per-channel constant (helps very dark/bright images)."""
+    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
+    if cfg.offset_noise > 0:
+        eps = eps + cfg.offset_noise * torch.randn((*x0.shape[:-2], 1, 1), generator=gen, device=x0.device)
+    return eps
+
+
+def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None, eps=None):
+    """Loss on the (implied) velocity. Returns (loss, per-sample loss, t). t and the noise eps are drawn
+    with gen unless given."""
     x0, text, mask, drop = batch["latents"], batch["text"], batch["mask"], batch["drop"]
     B, C, H, W = x0.shape
-    eps = torch.randn(x0.shape, generator=gen, device=x0.device)
-    if cfg.offset_noise > 0:  # offset noise: a per-channel constant, helps very dark/bright images
-        eps = eps + cfg.offset_noise * torch.randn((B, C, 1, 1), generator=gen, device=x0.device)
+    if eps is None:
+        eps = noise_like(x0, cfg, gen)
     if t is None:
         n_tokens = (H // cfg.patch_size) * (W // cfg.patch_size)
         t = S.sample_timesteps(B, cfg.t_sampling, cfg.t_mean, cfg.t_std,

@@ -440,11 +440,15 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     return manifest
 
 
+CACHE_FILE = re.compile(r"[A-Za-z0-9_-]*-[0-9a-f]{10}\.pt(\.tmp)?")  # cache_name's names (and write_atomic's)
+
+
 def delete_unreferenced(cache_dir: str, entries: dict):
-    """Remove .pt files no entry points at (deleted images, files now skipped, killed runs)."""
+    """Remove cache files no entry points at (deleted images, files now skipped, killed runs); files of
+    other names (a user's own .pt beside the cache) are left alone."""
     keep = {e["file"] for e in entries.values()}
     for name in os.listdir(cache_dir):
-        if (name.endswith(".pt") or ".pt.tmp" in name) and name not in keep:
+        if CACHE_FILE.fullmatch(name) and name not in keep:
             os.remove(os.path.join(cache_dir, name))
 
 

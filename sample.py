@@ -41,9 +41,9 @@ def encode_prompts(cfg, prompts, device):
 
 
 def default_size(cfg):
-    """The square bucket: (W, H) in pixels."""
-    side = max(cfg.bucket_align, round(cfg.target_resolution / cfg.bucket_align) * cfg.bucket_align)
-    return side, side
+    """The bucket nearest to square (the square one where there is one): (W, H) in pixels."""
+    from images import bucket_for, make_buckets
+    return tuple(bucket_for(1, 1, make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)))
 
 
 def parse_size(text, cfg):
@@ -247,11 +247,13 @@ def main():
         prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
-    if args.num < 1 or (args.steps is not None and args.steps < 1):
-        raise ConfigError("--num and --steps must be >= 1")
+    if args.num < 1 or (args.steps is not None and not 1 <= args.steps <= 10000):
+        raise ConfigError("--num and --steps must be >= 1 (--steps at most 10000)")
     check_sampling_options(args)
     if args.negative is not None and not args.negative.strip():
         raise ConfigError("--negative is empty: leave it out to guide away from the null caption")
+    if args.negative is not None and args.cfg == 1:
+        print("warning: --negative has no effect at --cfg 1 (no guidance)", file=sys.stderr)
     Image.init()
     if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
             not in Image.SAVE:  # a format Pillow writes

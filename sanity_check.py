@@ -7,6 +7,7 @@ If this fails, something between the cache, the model and the objective is broke
 train either. Prints the loss curve, writes runs/<name>/sanity/reconstruction.png (target | sample) and
 exits 1 when the loss did not fall by `min_factor`.
 """
+import math
 import os
 import sys
 
@@ -36,8 +37,8 @@ def split_args(argv):
         else:
             overrides[key] = value
     for key in ("steps", "min_factor", "lr"):
-        if check[key] <= 0:
-            raise ConfigError(f"{key}={check[key]}: must be > 0")
+        if not (math.isfinite(check[key]) and check[key] > 0):  # (nan is not <= 0 either)
+            raise ConfigError(f"{key}={check[key]}: must be a number > 0")
     return get_config(preset, **overrides), check
 
 

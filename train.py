@@ -16,6 +16,7 @@ import csv
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import fields
@@ -27,9 +28,9 @@ from tqdm import tqdm
 from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
-                        set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, unlock_run,
+                        set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, step_files, unlock_run,
                         write_atomic, write_json)
-from objective import flow_matching_loss
+from objective import flow_matching_loss, noise_like
 from optim import lr_at, make_optimizer, optimizer_update, state_fits
 
 # ---------------------------------------------------------------------------------------------
@@ -141,19 +142,25 @@ class CSVLog:
 # Validation: loss per timestep bucket on the held-out split at fixed t, and sample grids.
 
 
+VAL_T_STEP = (5 ** 0.5 - 1) / 2  # 1 / golden ratio: consecutive samples' t far apart, all of [0, 1) covered
+
+
 @torch.no_grad()
 def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict:
     if val_loader is None:
         return {}
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # same noise every time
     sums, counts = torch.zeros(n_buckets), torch.zeros(n_buckets)
     for batch in val_loader:
+        # Each sample its own t and noise, fixed by its place i in the split (not by batch size or order):
+        # t = frac((i + 0.5) / golden ratio) spreads t evenly over the split, the noise is seeded with i.
+        index = batch["index"]
+        t = ((index.double() + 0.5) * VAL_T_STEP % 1).float().to(device)
+        eps = torch.stack([noise_like(x, cfg, torch.Generator().manual_seed(cfg.seed + 12345 + int(i)))
+                           for x, i in zip(batch["latents"], index)])
         batch = to_device(batch, device, cfg.trim_text)
         batch["drop"] = torch.zeros_like(batch["drop"])
-        B = batch["latents"].shape[0]
-        t = ((torch.arange(B, device=device) + 0.5) / B).float()  # evenly spread t, every bucket
         with autocast_for(cfg, device):
-            _, per_sample, t = flow_matching_loss(model, batch, cfg, gen, t=t)
+            _, per_sample, t = flow_matching_loss(model, batch, cfg, None, t=t, eps=eps.to(device))
         s, c = S.loss_per_bucket(per_sample.float().cpu(), t.cpu(), n_buckets)
         sums, counts = sums + s, counts + c
     if counts.sum() == 0:
@@ -185,7 +192,7 @@ RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "l
 
 
 def train(cfg: Config) -> dict:
-    """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir'}. The run
+    """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir', 'diverged'}. The run
     folder is locked meanwhile: a second train.py on it stops with a one-line error."""
     lock = lock_run(cfg) if int(os.environ.get("RANK", 0)) == 0 else None
     try:
@@ -394,7 +401,8 @@ def run_training(cfg: Config) -> dict:
                 tqdm.write(f"step {step}: {n_skipped} non-finite loss/gradient step(s) skipped since the last "
                            f"log line ({n_longest} in a row)")
             if n_longest >= cfg.max_nonfinite:
-                status = f"stopped: {n_longest} non-finite steps in a row (last good checkpoint kept)"
+                kept = "last good checkpoint kept" if step_files(checkpoint_dir(cfg)) else "no checkpoint written yet"
+                status = f"stopped: {n_longest} non-finite steps in a row ({kept})"
                 diverged = True
         if master and log_now:
             elapsed = time.time() - t_log
@@ -464,8 +472,9 @@ def run_training(cfg: Config) -> dict:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"status": status, "step": step, "run_dir": cfg.run_dir}
+    return {"status": status, "step": step, "run_dir": cfg.run_dir, "diverged": diverged}
 
 
 if __name__ == "__main__":
-    main_guard(lambda: train(parse_args()))
+    result = main_guard(lambda: train(parse_args()))
+    sys.exit(1 if result["diverged"] else 0)  # a run stopped by non-finite losses: scripts can tell

@@ -51,6 +51,12 @@ def test_overrides_are_typed():
     (["sigma_data=0"], "sigma_data"),
     (["val_prompts= | "], "val_prompts"),
     (["data_dir=data/x", "cache_dir=data/x/"], "cache_dir"),
+    (["max_aspect_ratio=inf"], "max_aspect_ratio"),     # (bucket making would never end)
+    (["t_mean=nan"], "t_mean"),
+    (["learning_rate=inf"], "learning_rate"),
+    (["seed=100000000000000000"], "seed"),
+    (["cache_dir="], "cache_dir"),
+    (["max_token_length=1"], "max_token_length"),
 ])
 def test_bad_settings_name_the_key(argv, key):
     with pytest.raises(ConfigError) as e:

@@ -379,13 +379,17 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
     os.remove(data / "img_004.png")                                # deleted -> entry and file dropped
     make_image(50, 50).save(data / "new.png")                     # new -> encoded
     (data / "new.txt").write_text("a new square")
+    for name in ("inception-2015-12-05.pt", "my-notes.pt", "killed_run-0123456789.pt.tmp"):  # 2 users', 1 ours
+        (tmp_path / "cache" / name).write_bytes(b"x")
     third = P.ensure_cache(cfg)
+    assert sorted(f for f in os.listdir(cfg.cache_dir) if not P.CACHE_FILE.fullmatch(f)) == [
+        "inception-2015-12-05.pt", "manifest.json", "my-notes.pt"]  # a user's own files beside the cache stay
     assert encoded[-1] == ["img_002.png", "new.png"]
     assert sorted(third["entries"]) == ["img_000.png", "img_001.png", "img_002.png", "img_003.png", "new.png"]
     assert not os.path.exists(os.path.join(cfg.cache_dir, first["entries"]["img_004.png"]["file"]))
     d = torch.load(os.path.join(cfg.cache_dir, third["entries"]["img_002.png"]["file"]), weights_only=True)
     assert d["caption"] == "a changed yellow caption"
-    assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt")]) == 5
+    assert len([f for f in os.listdir(cfg.cache_dir) if P.CACHE_FILE.fullmatch(f)]) == 5  # the .tmp gone
 
     damaged = os.path.join(cfg.cache_dir, third["entries"]["img_001.png"]["file"])
     with open(damaged, "r+b") as f:  # truncated (a full disk, a killed copy): re-encoded, nothing else

@@ -40,6 +40,8 @@ def test_grid_with_several_prompts_samplers_and_negative(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "4 image(s), NFE 3" in r.stdout  # heun: 2 * steps - 1
     assert Image.open(out).size[0] >= 4 * 16
+    r = run(tiny_run, "--prompt", PROMPT, "--steps", "1", "--cfg", "1", "--negative", "blurry", "--out", str(out))
+    assert r.returncode == 0 and "warning: --negative has no effect at --cfg 1" in r.stderr
 
 
 def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
@@ -57,6 +59,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--shift", "nan"),
         (tiny_run, "--prompt", PROMPT, "--cfg", "inf"),
         (tiny_run, "--prompt", PROMPT, "--seed", "99999999999999999999"),
+        (tiny_run, "--prompt", PROMPT, "--steps", "100000000000000000000"),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
@@ -151,3 +154,17 @@ def test_latent_space_for_uses_the_cache_stats_like_training(tmp_path, capsys):
     for name in ("step_0000200.pt", "step_0001000.pt", "step_final.pt"):
         (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
     assert run_step(str(tmp_path / "run")) == 1000 and run_step(str(tmp_path / "nothing")) is None
+
+
+def test_the_default_size_is_a_trained_bucket():
+    """The square bucket, or where the buckets have no square one (target_resolution 12 with align 8 gives
+    8x16 and 16x8), the one nearest to square: never a size the model was not trained at."""
+    from config import get_config
+    from images import make_buckets
+    from sample import default_size
+    for kw, want in [({}, (16, 16)), ({"target_resolution": 12}, None), ({"target_resolution": 15, "bucket_align": 2},
+                                                                         None), ("flowers", (448, 448))]:
+        cfg = get_config("flowers") if kw == "flowers" else get_config("tiny", **kw)
+        size = default_size(cfg)
+        assert size in make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
+        assert want is None or size == want

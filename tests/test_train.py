@@ -83,7 +83,8 @@ def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=20, max_nonfinite=3,
                                            checkpoint_every=1, keep_checkpoints=1))
     result = T.train(cfg)
-    assert result["status"].startswith("stopped: 3 non-finite")
+    assert result["status"] == "stopped: 3 non-finite steps in a row (last good checkpoint kept)"
+    assert result["diverged"]  # (train.py exits with 1)
     # steps 1 and 3 were good, step 2 was skipped; 4, 5, 6 non-finite -> stop after counting step 6
     ckpts = C.list_checkpoints(cfg)
     ckpt = torch.load(ckpts[-1], weights_only=False)
@@ -101,9 +102,10 @@ def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "flow_matching_loss", bad_in_steps_3_to_6)
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=20, max_nonfinite=4, log_every=4,
-                                           run_name="late"))
+                                           run_name="late", checkpoint_every=100))
     result = T.train(cfg)
     assert result["status"].startswith("stopped: 4 non-finite") and result["step"] == 8
+    assert result["status"].endswith("(no checkpoint written yet)")  # none by step 8
     with open(os.path.join(cfg.run_dir, "log.csv")) as f:
         rows = list(csv.DictReader(f))
     assert [(int(r["step"]), int(r["nonfinite"])) for r in rows] == [(4, 2), (8, 2)]
@@ -222,8 +224,8 @@ def test_sanity_check_overfits(tiny_data, tmp_path):
     assert result["factor"] >= 10 and os.path.isfile(result["path"])
     from config import ConfigError
     from sanity_check import split_args
-    for bad in ("steps=0", "lr=-1", "min_factor=0"):
-        with pytest.raises(ConfigError, match=bad.split("=")[0] + ".*must be > 0"):
+    for bad in ("steps=0", "lr=-1", "min_factor=0", "lr=nan", "min_factor=inf"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0] + ".*must be a number > 0"):
             split_args([bad])
 
 
@@ -530,3 +532,25 @@ def test_compiled_model_trains_on_a_second_bucket_shape():
         torch.testing.assert_close(out, eager(x, t, text, mask, None, text_padded=False), atol=1e-5, rtol=1e-4)
         out.pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_validation_loss_does_not_depend_on_batch_size_or_order(tiny_data):
+    """Each validation sample's t and noise are fixed by its place in the split: the same loss (and the
+    same per-quarter losses) whatever batch size the run uses, and t covers all four quarters."""
+    from dataset import make_loader
+    from model import DiTConfig, SingleStreamDiT
+    rows = []
+    for batch_size, seed_shift in ((1, 0), (5, 0), (16, 0), (5, 1)):
+        cfg = get_config("tiny", **tiny_args(tiny_data, "unused", batch_size=batch_size, val_fraction=0.3))
+        loader, sampler, val_set = make_loader(cfg, "val")
+        sampler.set_epoch(seed_shift)  # another order of the batches
+        torch.manual_seed(0)
+        model = SingleStreamDiT(DiTConfig.from_config(cfg))
+        with torch.no_grad():
+            for p in model.parameters():  # off the zero init: the output depends on t
+                p.add_(torch.randn_like(p) * 0.05)
+        rows.append(T.validation_loss(model, loader, cfg, torch.device("cpu")))
+    assert len(val_set) >= 8 and all(rows[0][f"val_loss_t{i}"] != "" for i in range(4))
+    for row in rows[1:]:
+        for key, value in rows[0].items():
+            assert row[key] == pytest.approx(value, rel=1e-5), key
