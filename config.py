@@ -26,6 +26,9 @@ SWITCHES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+MAY_BE_INF = ("max_minutes", "grad_clip", "huber_delta")  # inf means: no time limit, no clipping, plain L2
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the key."""
 
@@ -96,7 +99,7 @@ class Config:
     self_consistency_start: float = 0.5  # fraction of training after which it switches on
     # --- optimisation (train.py) ---
     optimizer: str = "adamw"           # adamw (torch; fastest on CPU) | adamw8bit (bitsandbytes, less GPU memory)
-    flat_8bit: str = "auto"            # adamw8bit: the weights as a few flat buffers: auto (on for GPU) | on | off
+    flat_8bit: str = "auto"            # adamw8bit: weights as a few flat buffers: auto (GPU; resumed: as saved)|on|off
     learning_rate: float = 1e-3        # peak learning rate
     weight_decay: float = 0.0          # on matrices only (not norms, biases, embeddings, gates)
     beta1: float = 0.9
@@ -144,13 +147,14 @@ class Config:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
 
         for f in fields(self):  # nan passes every comparison below, inf most
-            if isinstance(getattr(self, f.name), float):
-                need(math.isfinite(getattr(self, f.name)), f.name, "must be a finite number")
-        need(abs(self.seed) < 2 ** 53, "seed", "must be within +-2**53")  # train.py seeds with seed * 1000 + rank
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not (math.isfinite(value) or (f.name in MAY_BE_INF and value > 0)):
+                need(False, f.name, "must be a finite number")
+        need(abs(self.seed) < 2 ** 63 // 1000 - 1000, "seed", "must be within +-9e15")  # seeded with seed * 1000 + rank
         for key in ("data_dir", "cache_dir"):
             need(getattr(self, key).strip() != "", key, "must name a folder")
-        need(self.sample_steps <= 10000, "sample_steps", "must be <= 10000")
-        need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (tokenizers add start/end tokens)")
+        need(self.sample_steps <= 10 ** 6, "sample_steps", "must be <= 10**6")
+        need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (room for the tokenizer's special tokens)")
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
                              ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
                              ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),

@@ -24,7 +24,9 @@ def lr_at(step: int, cfg: Config, time_frac: float = 0.0) -> float:
     return cfg.learning_rate * ratio
 
 
-def make_optimizer(model, cfg: Config):
+def make_optimizer(model, cfg: Config, resumed_state=None):
+    """AdamW as cfg says. resumed_state (a checkpoint's optimiser state dict): flat_8bit=auto takes its
+    layout, flat or per tensor, so a resumed run keeps its moments wherever it resumes."""
     groups = model.param_groups(cfg.weight_decay)
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw8bit":
@@ -32,6 +34,9 @@ def make_optimizer(model, cfg: Config):
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on CPU
         on_gpu = next(model.parameters()).device.type == "cuda"  # on CPU the per-tensor update is cache-friendlier
         flat = cfg.flat_8bit == "on" or (cfg.flat_8bit == "auto" and on_gpu)
+        saved = resumed_state.get("param_groups") if isinstance(resumed_state, dict) else None
+        if cfg.flat_8bit == "auto" and isinstance(saved, list) and saved:  # one buffer per group: flat
+            flat = all(isinstance(g, dict) and len(g.get("params", ())) == 1 for g in saved)
         return adamw8bit_class()(groups, lr=cfg.learning_rate, betas=betas, flat=flat)
     # fused: one kernel over all weights instead of a few per tensor (CPU: 0.7 vs 2.6 ms for the shapes model)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
@@ -87,6 +92,9 @@ def adamw8bit_class():
                 self.to_gpu()
                 self.initialized = True
             for flat, views in self.members:  # gather the weights' gradients into their buffer's
+                if views[0][0].data_ptr() != flat.data_ptr():  # .to(), .half(), load_state_dict(assign=True)
+                    raise RuntimeError("flat_8bit: the model's weights were moved or replaced after the optimiser "
+                                       "was made, so it would update copies: make it after, or flat_8bit=off")
                 with_grad = [(p, at) for p, at in views if p.grad is not None]
                 flat.grad = torch.zeros_like(flat) if with_grad else None  # zeros: padding must stay finite
                 if with_grad:
@@ -130,7 +138,7 @@ def flatten_groups(groups: list, min_8bit_size: int, align: int = 256):
             subset = [p for p in params if (p.numel() < min_8bit_size) == is_small]
             for kind in dict.fromkeys((p.dtype, p.device) for p in subset):
                 ps = [p for p in subset if (p.dtype, p.device) == kind]
-                step = 1 if is_small else align
+                step = 4 if is_small else align  # 4: every view 16-byte aligned (what inductor assumes)
                 offsets = [0]
                 for p in ps:
                     offsets.append(offsets[-1] + -(-p.numel() // step) * step)

@@ -420,7 +420,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     if rank == 0:
         if manifest != old:
             write_manifest(cfg.cache_dir, manifest)  # after every .pt file it names
-        delete_unreferenced(cfg.cache_dir, entries)
+        delete_unreferenced(cfg.cache_dir, entries,
+                            {e["file"] for e in old_entries.values()} | {cache_name(s) for s in sources})
         summarise(cfg, manifest, new_entries, removed, new_skipped, time.time() - t0, say)
     if multi:
         dist.barrier()
@@ -440,15 +441,13 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     return manifest
 
 
-CACHE_FILE = re.compile(r"[A-Za-z0-9_-]*-[0-9a-f]{10}\.pt(\.tmp)?")  # cache_name's names (and write_atomic's)
-
-
-def delete_unreferenced(cache_dir: str, entries: dict):
-    """Remove cache files no entry points at (deleted images, files now skipped, killed runs); files of
-    other names (a user's own .pt beside the cache) are left alone."""
+def delete_unreferenced(cache_dir: str, entries: dict, ours: set):
+    """Remove the cache files (and write_atomic's .tmp files) no entry points at: deleted images, files now
+    skipped, killed runs. Only names in `ours` (the old manifest's files, the current images' cache_name)
+    are touched: a user's own files beside the cache stay."""
     keep = {e["file"] for e in entries.values()}
     for name in os.listdir(cache_dir):
-        if CACHE_FILE.fullmatch(name) and name not in keep:
+        if name.removesuffix(".tmp") in ours and name not in keep:
             os.remove(os.path.join(cache_dir, name))
 
 

@@ -151,11 +151,11 @@ def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict
         return {}
     sums, counts = torch.zeros(n_buckets), torch.zeros(n_buckets)
     for batch in val_loader:
-        # Each sample its own t and noise, fixed by its place i in the split (not by batch size or order):
-        # t = frac((i + 0.5) / golden ratio) spreads t evenly over the split, the noise is seeded with i.
+        # Each sample its own t and noise, fixed by its place i in the split (not by batch size, order or
+        # seed): t = frac((i + 0.5) / golden ratio) spreads t evenly over the split, the noise is seeded with i.
         index = batch["index"]
         t = ((index.double() + 0.5) * VAL_T_STEP % 1).float().to(device)
-        eps = torch.stack([noise_like(x, cfg, torch.Generator().manual_seed(cfg.seed + 12345 + int(i)))
+        eps = torch.stack([noise_like(x, cfg, torch.Generator().manual_seed(12345 + int(i)))
                            for x, i in zip(batch["latents"], index)])
         batch = to_device(batch, device, cfg.trim_text)
         batch["drop"] = torch.zeros_like(batch["drop"])
@@ -243,14 +243,14 @@ def run_training(cfg: Config) -> dict:
     model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)
     ema_model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
     ema_model.load_state_dict(model.state_dict())
-    optimizer = make_optimizer(model, cfg)
+    trained = (ckpt.get("config") or {}) if resume_path else {}
+    same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer
+    optimizer = make_optimizer(model, cfg, ckpt.get("optimizer") if resume_path and same_optimizer else None)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     step, epoch, batch_in_epoch = 0, 0, 0
 
     if resume_path:
-        trained = ckpt.get("config") or {}
-        same_optimizer = (trained.get("optimizer", cfg.optimizer) == cfg.optimizer
-                          and state_fits(optimizer, ckpt.get("optimizer")))  # flat_8bit on or off, as here
+        same_optimizer = same_optimizer and state_fits(optimizer, ckpt.get("optimizer"))  # flat_8bit on/off
         try:
             model.load_state_dict(ckpt["model"])
             ema_model.load_state_dict(ckpt["ema"])
@@ -266,8 +266,9 @@ def run_training(cfg: Config) -> dict:
         if not same_optimizer and master:
             was = trained.get("optimizer", cfg.optimizer)
             layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
-            why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # or flat_8bit resolved otherwise
-                   "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts))
+            why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # flat_8bit=on/off changed it
+                   "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts)
+                   if cfg.optimizer == "adamw8bit" else "its optimiser state does not fit")
             print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
         changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
                    if k in trained and trained[k] != v and k not in RESUME_FREE]

@@ -113,3 +113,12 @@ def test_resolve_device_names_a_bad_or_missing_device():
         resolve_device("tpu")
     with pytest.raises(ConfigError, match="device='cuda:99': no such CUDA GPU"):
         resolve_device("cuda:99")
+
+
+def test_inf_where_it_means_no_limit():
+    """max_minutes / grad_clip / huber_delta = inf mean no limit (older runs' config.json hold them); nan never."""
+    cfg = parse_args(["max_minutes=inf", "grad_clip=inf", "huber_delta=inf"])
+    assert cfg.max_minutes == cfg.grad_clip == cfg.huber_delta == float("inf")
+    for bad in ("max_minutes=nan", "grad_clip=-inf", "shift=inf"):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            parse_args([bad])

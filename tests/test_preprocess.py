@@ -379,17 +379,18 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
     os.remove(data / "img_004.png")                                # deleted -> entry and file dropped
     make_image(50, 50).save(data / "new.png")                     # new -> encoded
     (data / "new.txt").write_text("a new square")
-    for name in ("inception-2015-12-05.pt", "my-notes.pt", "killed_run-0123456789.pt.tmp"):  # 2 users', 1 ours
+    users = ["ckpt-1732419200.pt", "inception-2015-12-05.pt", "my-notes.pt"]  # a user's own files
+    for name in users + [P.cache_name("img_000.png") + ".tmp"]:  # and one of ours, left by a killed run
         (tmp_path / "cache" / name).write_bytes(b"x")
     third = P.ensure_cache(cfg)
-    assert sorted(f for f in os.listdir(cfg.cache_dir) if not P.CACHE_FILE.fullmatch(f)) == [
-        "inception-2015-12-05.pt", "manifest.json", "my-notes.pt"]  # a user's own files beside the cache stay
+    ours = {e["file"] for e in third["entries"].values()}
+    assert sorted(f for f in os.listdir(cfg.cache_dir) if f not in ours) == sorted(users + ["manifest.json"])
     assert encoded[-1] == ["img_002.png", "new.png"]
     assert sorted(third["entries"]) == ["img_000.png", "img_001.png", "img_002.png", "img_003.png", "new.png"]
     assert not os.path.exists(os.path.join(cfg.cache_dir, first["entries"]["img_004.png"]["file"]))
     d = torch.load(os.path.join(cfg.cache_dir, third["entries"]["img_002.png"]["file"]), weights_only=True)
     assert d["caption"] == "a changed yellow caption"
-    assert len([f for f in os.listdir(cfg.cache_dir) if P.CACHE_FILE.fullmatch(f)]) == 5  # the .tmp gone
+    assert len([f for f in os.listdir(cfg.cache_dir) if f.endswith(".pt") and f not in users]) == 5
 
     damaged = os.path.join(cfg.cache_dir, third["entries"]["img_001.png"]["file"])
     with open(damaged, "r+b") as f:  # truncated (a full disk, a killed copy): re-encoded, nothing else

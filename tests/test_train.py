@@ -194,9 +194,10 @@ def SingleStreamDiT_from(run_dir):
     return SingleStreamDiT.from_pretrained(os.path.join(run_dir, "model"))
 
 
-def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path):
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adamw8bit", "flat_8bit": "on"}])
+def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path, optimizer):
     from conftest import on_a_free_port
-    args = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="ddp")
+    args = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="ddp", **optimizer)
     codes = []
 
     def run(port):
@@ -257,6 +258,9 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path, capsys):
                                              resume="auto")))  # the state per tensor, this run's flat
     out = capsys.readouterr().out
     assert flat["step"] == 4 and "its optimiser state is per tensor, this run's flat (flat_8bit)" in out
+    auto = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", max_steps=5,
+                                             resume="auto")))  # auto takes the checkpoint's layout: flat
+    assert auto["step"] == 5 and "fresh state" not in capsys.readouterr().out
 
 
 def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path, capsys):
@@ -419,6 +423,10 @@ def test_adamw8bit_without_per_tensor_sync_matches_bitsandbytes(flat):
         assert torch.equal(pa, pb), name
     if flat == "on":  # the flat gradients are freed after the update, not held through the next forward
         assert all(p.grad is None for g in opt_a.param_groups for p in g["params"])
+        for p in a.parameters():  # as .to(another device) does: no longer views of the optimiser's buffers
+            p.data = p.data.clone()  # -> an error, not silent updates of the buffers
+        with pytest.raises(RuntimeError, match="moved or replaced after the optimiser was made"):
+            steps(1)
 
 
 @pytest.mark.parametrize("optimizer,flat", [("adamw", "off"), ("adamw8bit", "off"), ("adamw8bit", "on")])
@@ -513,9 +521,10 @@ def test_compiled_run_keeps_short_batches_when_no_bucket_fills_one(tiny_data, tm
 
 def test_compiled_model_trains_on_a_second_bucket_shape():
     """Whole-model torch.compile on two buckets: the second shape gets its own graph (with symbolic H and W
-    inductor failed to lower it: "cannot determine truth value of Relational") and both match eager."""
+    inductor failed to lower it: "cannot determine truth value of Relational") and both match eager. The
+    weights are views into flat 8-bit AdamW buffers: the compiled graphs see the optimiser's updates."""
     from model import DiTConfig, SingleStreamDiT
-    cfg = get_config("tiny", compile="on")
+    cfg = get_config("tiny", compile="on", optimizer="adamw8bit", flat_8bit="on")
     torch.manual_seed(0)
     eager = SingleStreamDiT(DiTConfig.from_config(cfg))
     with torch.no_grad():
@@ -523,6 +532,7 @@ def test_compiled_model_trains_on_a_second_bucket_shape():
             p.add_(torch.randn_like(p) * 0.02)
     model = SingleStreamDiT(DiTConfig.from_config(cfg))
     model.load_state_dict(eager.state_dict())
+    opt = T.make_optimizer(model, cfg)
     fwd = T.compile_for_training(model, cfg, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for H, W in [(32, 32), (24, 40)]:
@@ -532,6 +542,11 @@ def test_compiled_model_trains_on_a_second_bucket_shape():
         torch.testing.assert_close(out, eager(x, t, text, mask, None, text_padded=False), atol=1e-5, rtol=1e-4)
         out.pow(2).mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    opt.step()
+    with torch.no_grad():
+        after = fwd(x, t, text, mask, None, text_padded=False)
+        assert not torch.allclose(after, out)  # the update moved the weights the graph reads
+        torch.testing.assert_close(after, model(x, t, text, mask, None, text_padded=False), atol=1e-5, rtol=1e-4)
 
 
 def test_validation_loss_does_not_depend_on_batch_size_or_order(tiny_data):
