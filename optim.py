@@ -122,9 +122,10 @@ def state_fits(optimizer, saved: dict) -> bool:
         [len(g.get("params", ())) for g in groups] == [len(g["params"]) for g in optimizer.param_groups])
 
 
-def flatten_groups(groups: list, min_8bit_size: int, align: int = 256):
+def flatten_groups(groups: list, min_8bit_size: int, align: int = 256, max_numel: int = 2 ** 30):
     """Make each group's weights views into new flat buffers, one per (size class, dtype, device): weights
     of at least min_8bit_size elements, each starting at a multiple of `align` elements, and the smaller ones.
+    A buffer holds at most max_numel elements (or one larger weight): bnb's kernels count in int32.
 
     Returns (groups over the flat buffers, [(buffer, [(weight, offset), ...]) per buffer], the indices of
     the groups of small weights). The buffers are new leaf Parameters holding the weights' values; the
@@ -136,13 +137,23 @@ def flatten_groups(groups: list, min_8bit_size: int, align: int = 256):
         params = [p for p in group["params"] if p.requires_grad]
         for is_small in (False, True):
             subset = [p for p in params if (p.numel() < min_8bit_size) == is_small]
+            step = 4 if is_small else align  # 4: every view 16-byte aligned (what inductor assumes)
+            chunks = []  # the weights of each buffer: same dtype and device, at most max_numel elements
             for kind in dict.fromkeys((p.dtype, p.device) for p in subset):
-                ps = [p for p in subset if (p.dtype, p.device) == kind]
-                step = 4 if is_small else align  # 4: every view 16-byte aligned (what inductor assumes)
+                chunks.append([])
+                used = 0
+                for p in (p for p in subset if (p.dtype, p.device) == kind):
+                    size = -(-p.numel() // step) * step
+                    if chunks[-1] and used + size > max_numel:
+                        chunks.append([])
+                        used = 0
+                    chunks[-1].append(p)
+                    used += size
+            for ps in chunks:
                 offsets = [0]
                 for p in ps:
                     offsets.append(offsets[-1] + -(-p.numel() // step) * step)
-                flat = torch.zeros(offsets.pop(), dtype=kind[0], device=kind[1])
+                flat = torch.zeros(offsets.pop(), dtype=ps[0].dtype, device=ps[0].device)
                 with torch.no_grad():
                     for p, at in zip(ps, offsets):
                         flat[at:at + p.numel()].copy_(p.reshape(-1))

@@ -569,3 +569,26 @@ def test_validation_loss_does_not_depend_on_batch_size_or_order(tiny_data):
     for row in rows[1:]:
         for key, value in rows[0].items():
             assert row[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_flatten_groups_keeps_values_aligns_and_caps_buffers():
+    """Each weight becomes a view into a flat buffer at a 256-element boundary (4 for the small ones), with
+    its values; no buffer holds more than max_numel elements unless one weight alone does."""
+    import optim
+    from model import DiTConfig, SingleStreamDiT
+    torch.manual_seed(0)
+    model = SingleStreamDiT(DiTConfig.from_config(get_config("tiny", hidden_size=64, num_heads=2)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups, members, small = optim.flatten_groups(model.param_groups(0.1), min_8bit_size=4096, max_numel=20000)
+    assert len(groups) == len(members) > 4 and small  # capped: more buffers than the 4 size/decay classes
+    assert [g["weight_decay"] for g in groups].count(0.1) >= 2
+    seen = set()
+    for i, (flat, views) in enumerate(members):
+        assert groups[i]["params"] == [flat]
+        assert flat.numel() <= 20000 or len(views) == 1
+        for p, at in views:
+            assert at % (4 if i in small else 256) == 0 and p.data_ptr() == flat.data_ptr() + 4 * at
+            seen.add(id(p))
+    assert seen == {id(p) for p in model.parameters()}  # every weight once
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
