@@ -252,14 +252,14 @@ def main():
     check_sampling_options(args)
     if args.negative is not None and not args.negative.strip():
         raise ConfigError("--negative is empty: leave it out to guide away from the null caption")
-    if args.negative is not None and args.cfg == 1:
-        print("warning: --negative has no effect at --cfg 1 (no guidance)", file=sys.stderr)
     Image.init()
     if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
             not in Image.SAVE:  # a format Pillow writes
         raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp)")
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
+    if args.negative is not None and (cfg.cfg_scale if args.cfg is None else args.cfg) == 1:
+        print("warning: --negative has no effect at --cfg 1 (no guidance)", file=sys.stderr)
     size = parse_size(args.size, cfg) if args.size else None
     if size:
         from images import make_buckets
