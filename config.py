@@ -148,8 +148,8 @@ class Config:
 
         for f in fields(self):  # nan passes every comparison below, inf most
             value = getattr(self, f.name)
-            if isinstance(value, float) and not (math.isfinite(value) or (f.name in MAY_BE_INF and value > 0)):
-                need(False, f.name, "must be a finite number")
+            if isinstance(value, float):
+                need(math.isfinite(value) or (f.name in MAY_BE_INF and value > 0), f.name, "must be a finite number")
         need(abs(self.seed) < 2 ** 63 // 1000 - 1000, "seed", "must be within +-9e15")  # seeded with seed * 1000 + rank
         for key in ("data_dir", "cache_dir"):
             need(getattr(self, key).strip() != "", key, "must name a folder")

@@ -138,31 +138,26 @@ def flatten_groups(groups: list, min_8bit_size: int, align: int = 256, max_numel
         for is_small in (False, True):
             subset = [p for p in params if (p.numel() < min_8bit_size) == is_small]
             step = 4 if is_small else align  # 4: every view 16-byte aligned (what inductor assumes)
-            chunks = []  # the weights of each buffer: same dtype and device, at most max_numel elements
+            chunks = []  # per buffer: [[(weight, offset), ...], elements]; same dtype and device, <= max_numel
             for kind in dict.fromkeys((p.dtype, p.device) for p in subset):
-                chunks.append([])
-                used = 0
+                chunks.append([[], 0])
                 for p in (p for p in subset if (p.dtype, p.device) == kind):
                     size = -(-p.numel() // step) * step
-                    if chunks[-1] and used + size > max_numel:
-                        chunks.append([])
-                        used = 0
-                    chunks[-1].append(p)
-                    used += size
-            for ps in chunks:
-                offsets = [0]
-                for p in ps:
-                    offsets.append(offsets[-1] + -(-p.numel() // step) * step)
-                flat = torch.zeros(offsets.pop(), dtype=ps[0].dtype, device=ps[0].device)
+                    if chunks[-1][0] and chunks[-1][1] + size > max_numel:
+                        chunks.append([[], 0])
+                    chunks[-1][0].append((p, chunks[-1][1]))
+                    chunks[-1][1] += size
+            for views, total in chunks:
+                flat = torch.zeros(total, dtype=views[0][0].dtype, device=views[0][0].device)
                 with torch.no_grad():
-                    for p, at in zip(ps, offsets):
+                    for p, at in views:
                         flat[at:at + p.numel()].copy_(p.reshape(-1))
                         p.data = flat[at:at + p.numel()].view(p.shape)
                 if is_small:
                     small.add(len(flat_groups))
                 flat = torch.nn.Parameter(flat)
                 flat_groups.append({**group, "params": [flat]})
-                members.append((flat, list(zip(ps, offsets))))
+                members.append((flat, views))
     return flat_groups, members, small
 
 
