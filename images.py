@@ -64,6 +64,11 @@ def upscale_needed(width: int, height: int, bucket) -> float:
     return max(bucket[0] / width, bucket[1] / height)
 
 
+def area_kept(width: int, height: int, bucket) -> float:
+    """The fraction of an image that resize_and_crop keeps (1 = nothing cropped)."""
+    return min(bucket[0] * height, bucket[1] * width) / max(bucket[0] * height, bucket[1] * width)
+
+
 def resize_and_crop(img: Image.Image, size) -> Image.Image:
     """Resize (Lanczos) so the image covers size=(W, H), then centre-crop to exactly (W, H)."""
     W, H = size

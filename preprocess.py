@@ -41,14 +41,15 @@ from tqdm import tqdm
 
 from checkpoint import WriteError, write_atomic, write_json
 from config import Config, ConfigError, main_guard, parse_args, resolve_device
-from images import (IMAGE_EXTS, Skip, bucket_for, caption_path_for, find_images, load_image, make_buckets,
-                    metadata_caption, read_caption, resize_and_crop, upscale_needed)
+from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, caption_path_for, find_images, load_image,
+                    make_buckets, metadata_caption, read_caption, resize_and_crop, upscale_needed)
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 ENTRY_KEYS = {"file", "fingerprint", "bucket", "latent_shape", "tokens", "sum", "sumsq", "count"}
 # tried again every run: a permission may be fixed, a file come back, the precision be changed
 RETRIED_SKIPS = ("not accessible", "non-finite encoding")
+CROP_WARNING = 0.9  # images that keep less of their area than this in their bucket are counted in a warning
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
 # The settings a cache is built with: using it with other values would be silently wrong data.
 CACHE_SETTINGS = ("latent_space", "vae", "vae_subfolder", "latent_channels", "vae_downsample",
@@ -183,7 +184,7 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
         if up > cfg.max_upscale:
             raise Skip("too small", f"{img.width}x{img.height} needs {up:.1f}x enlargement to fill bucket "
                                     f"{bucket[0]}x{bucket[1]} (max_upscale={cfg.max_upscale})")
-        return fp, bucket, resize_and_crop(img, bucket), caption
+        return fp, bucket, resize_and_crop(img, bucket), caption, area_kept(img.width, img.height, bucket)
     except Exception as e:
         skip = e if isinstance(e, Skip) else Skip("unreadable", f"{type(e).__name__}: {str(e)[:100]}")
         skip.fingerprint = fp
@@ -231,7 +232,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
     from latents import images_to_tensor
     buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
     entries, skipped = {}, {}
-    pending = defaultdict(list)  # bucket -> [(source, fingerprint, image, caption)], flushed in batches
+    pending = defaultdict(list)  # bucket -> [(source, fingerprint, image, caption, area kept)], flushed in batches
     memo, memo_bytes = {}, 0     # caption -> (text (L, D), mask (L,)) on the CPU: repeated captions encode once
 
     def encode_captions(captions):
@@ -259,10 +260,10 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
         items, pending[bucket] = pending[bucket], []
         if not items:
             return
-        images = images_to_tensor([img for _, _, img, _ in items])         # (B, 3, H, W) in [-1, 1]
+        images = images_to_tensor([item[2] for item in items])             # (B, 3, H, W) in [-1, 1]
         latents = latent_space.encode(images, normalize=False).cpu()        # (B, C, H/f, W/f)
-        text, mask = encode_captions([cap for *_, cap in items])            # (B, L, D) bf16, (B, L)
-        for i, (source, fp, _, caption) in enumerate(items):
+        text, mask = encode_captions([item[3] for item in items])           # (B, L, D) bf16, (B, L)
+        for i, (source, fp, _, caption, kept) in enumerate(items):
             z = latents[i].float().clone()                                  # (C, h, w); clone: own storage
             if not (torch.isfinite(z).all() and torch.isfinite(text[i].float()).all()):  # e.g. a VAE in fp16
                 skip(source, fp, Skip("non-finite encoding",
@@ -274,7 +275,7 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             size = write_atomic(os.path.join(cfg.cache_dir, name), lambda tmp: torch.save(item, tmp))
             z64 = z.double().flatten(1)                                      # (C, h*w)
             entries[source] = {"file": name, "bytes": size, "fingerprint": fp, "bucket": list(bucket),
-                               "latent_shape": list(z.shape), "tokens": int(mask[i].sum()), "sum": z64.sum(1).tolist(),
+                               "latent_shape": list(z.shape), "tokens": int(mask[i].sum()), "area_kept": round(kept, 4), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
@@ -287,8 +288,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                 if isinstance(result, Skip):
                     skip(source, getattr(result, "fingerprint", None), result)
                     continue
-                fp, bucket, img, caption = result
-                pending[bucket].append((source, fp, img, caption))
+                fp, bucket, img, caption, kept = result
+                pending[bucket].append((source, fp, img, caption, kept))
                 if len(pending[bucket]) >= cfg.preprocess_batch_size:
                     flush(bucket)
             for bucket in list(pending):
@@ -464,6 +465,12 @@ def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=pri
         say(f"{'bucket (WxH)':>14} {'latents (CxhxW)':>16} {'samples':>8} {'new':>6}")
         for key in sorted(per_bucket, key=lambda b: b[0] / b[1]):
             say(f"{key[0]:>7}x{key[1]:<6} {shapes[key]:>16} {per_bucket[key]:>8} {new_per_bucket[key]:>6}")
+    cropped = sorted((e["area_kept"], s) for s, e in new_entries.items() if e.get("area_kept", 1) < CROP_WARNING)
+    if cropped:  # a panorama in a 2:1 bucket loses half of itself: say so once, when it is encoded
+        kept, source = cropped[0]
+        say(f"warning: {len(cropped)} image(s) lost more than {1 - CROP_WARNING:.0%} of their area to the centre "
+            f"crop into their bucket, e.g. {os.path.join(cfg.data_dir, source)} ({kept:.0%} kept): their aspect "
+            f"ratio is beyond max_aspect_ratio={cfg.max_aspect_ratio:g} or far from every bucket", file=sys.stderr)
     reasons = Counter(s["reason"] for s in manifest["skipped"].values())
     if reasons:
         say("skipped: " + ", ".join(f"{n} {r}" for r, n in reasons.most_common())

@@ -88,6 +88,23 @@ def test_resize_and_crop_covers_and_centres():
         assert images.resize_and_crop(Image.new("RGB", size), target).size == target
 
 
+def test_area_kept_and_a_warning_for_images_cropped_hard(tmp_path, t5_dir, capsys):
+    assert images.area_kept(300, 100, (64, 64)) == pytest.approx(1 / 3)  # the middle third of a 3:1 image
+    assert images.area_kept(100, 300, (32, 64)) == pytest.approx(2 / 3)
+    assert images.area_kept(640, 480, (40, 30)) == 1.0
+    cfg = pixel_cfg(tmp_path, t5_dir)  # buckets 24x40, 32x32, 40x24
+    make_image_folder(str(tmp_path / "data"), [(32, 32), (80, 48), (160, 32), (200, 40)])  # two are 5:1
+    manifest = P.ensure_cache(cfg)
+    kept = {s: e["area_kept"] for s, e in manifest["entries"].items()}
+    assert kept["img_000.png"] == kept["img_001.png"] == 1.0
+    assert kept["img_002.png"] == kept["img_003.png"] == pytest.approx(1 / 3, abs=1e-3)  # 5:3 of 5:1
+    warning = [line for line in capsys.readouterr().err.splitlines() if "centre crop" in line]
+    assert len(warning) == 1 and "2 image(s)" in warning[0] and "33% kept" in warning[0]
+    assert "img_002.png" in warning[0] and "max_aspect_ratio=2" in warning[0]
+    P.ensure_cache(cfg)  # said once, when encoded
+    assert "centre crop" not in capsys.readouterr().err
+
+
 # --- reading images --------------------------------------------------------------------------------------
 
 def save_and_load(img, tmp_path, name="x.png", **save_kw):
