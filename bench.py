@@ -22,10 +22,12 @@ import torch
 
 from config import ConfigError, apply_overrides, exit_with_help_if_asked, main_guard, parse_args, resolve_device
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name.
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name;
+# fp16 for the pre-Ampere T4 and V100, where mixed_precision=auto trains in fp16.
 PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0,
                "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-               "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 155.0}
+               "RTX 4090": 165.2, "RTX 4080": 97.5, "RTX 3090": 71.0, "RTX A6000": 155.0,
+               "T4": 65.0, "V100": 125.0}
 BENCH_DEFAULTS = {"steps": 10, "warmup": 3, "peak_tflops": 0.0, "sample_batch": 8, "sample_steps": 30,
                   "rounds": 3, "padded": 1}  # padded=0: every caption fills max_token_length (no attention mask)
 
@@ -76,6 +78,7 @@ class TrainStep:
         self.model = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device)
         self.ema = SingleStreamDiT(DiTConfig.from_config(cfg)).to(device).requires_grad_(False)
         self.opt = T.make_optimizer(self.model, cfg)
+        self.loss_scale = T.LossScale(device, enabled=T.precision_for(cfg, device) == torch.float16)
         self.fwd = T.compile_for_training(self.model, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
@@ -88,8 +91,9 @@ class TrainStep:
             with self.T.autocast_for(self.cfg, self.device):
                 loss.append(self.T.flow_matching_loss(self.fwd, self.batch, self.cfg, self.gen)[0])
 
-        return [("forward", forward), ("backward", lambda: loss.pop().backward()),
-                ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6))]
+        return [("forward", forward), ("backward", lambda: self.loss_scale.backward(loss.pop())),
+                ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6,
+                                                              loss_scale=self.loss_scale))]
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ LOSSES = ("mse", "l1", "huber")
 PREDICTIONS = ("v", "x", "edm")
 T_SAMPLINGS = ("uniform", "logit_normal")
 OPTIMIZERS = ("adamw8bit", "adamw")
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SWITCHES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -112,7 +112,8 @@ class Config:
     grad_accum: int = 1                # micro-steps per optimiser step
     grad_clip: float = 1.0             # max gradient norm (0 = off)
     ema_decay: float = 0.999           # EMA of the weights (fp32) for samples and export
-    mixed_precision: str = "auto"      # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    mixed_precision: str = "auto"      # auto: bf16 on GPUs that have it (Ampere+), fp16 + loss scaling on older
+                                       # ones (T4, V100, RTX 20xx), fp32 on CPU | bf16 | fp16 | fp32
     compile: str = "auto"              # torch.compile: auto (on for GPU) | on | off
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     num_workers: int = 0               # DataLoader workers
@@ -316,6 +317,14 @@ def config_from_dict(d: dict) -> Config:
 
 def to_dict(cfg: Config) -> dict:
     return asdict(cfg)
+
+
+def native_bf16(device) -> bool:
+    """Whether device computes in bf16 natively: CUDA GPUs from Ampere (compute capability 8) on. Older ones
+    (T4, V100, RTX 20xx) only emulate it, slowly, and cuDNN has no bf16 convolutions there."""
+    import torch
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve_device(name: str = "auto"):

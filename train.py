@@ -25,13 +25,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
+from config import Config, ConfigError, main_guard, native_bf16, parse_args, resolve_device, to_dict
 import samplers as S
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
                         set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, step_files, unlock_run,
                         write_atomic, write_json)
 from objective import flow_matching_loss, noise_like
-from optim import lr_at, make_optimizer, optimizer_update, state_fits
+from optim import LossScale, lr_at, make_optimizer, optimizer_update, state_fits
 
 # ---------------------------------------------------------------------------------------------
 # Setup helpers
@@ -93,10 +93,18 @@ def compile_for_training(model, cfg: Config, device):
     return model
 
 
+def precision_for(cfg: Config, device):
+    """The autocast dtype, or None for fp32. auto: bf16 on GPUs with native bf16, fp16 (with a loss scale,
+    optim.LossScale) on older GPUs, fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def autocast_for(cfg: Config, device):
-    """bf16 autocast on GPU; fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
-    use_bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    dtype = precision_for(cfg, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def to_device(batch: dict, device, trim_text=False) -> dict:
@@ -247,6 +255,7 @@ def run_training(cfg: Config) -> dict:
     same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer
     optimizer = make_optimizer(model, cfg, ckpt.get("optimizer") if resume_path and same_optimizer else None)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
+    loss_scale = LossScale(device, enabled=precision_for(cfg, device) == torch.float16)
     step, epoch, batch_in_epoch = 0, 0, 0
 
     if resume_path:
@@ -276,6 +285,8 @@ def run_training(cfg: Config) -> dict:
             print(f"note: resuming with changed settings: {', '.join(changed)}")
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"], gen)
+        if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
+            loss_scale.load_state_dict(ckpt["loss_scale"])
         if master:
             print(f"resumed from {resume_path} at step {step}")
             for later in set_aside_later_checkpoints(cfg, step):
@@ -299,7 +310,7 @@ def run_training(cfg: Config) -> dict:
         resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
         log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
                      ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr",
-                      "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite"]
+                      "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite", "loss_scale"]
                      + [f"gate_{n}" for n in gate_names])
         val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at,
                          ["step", "val_loss", "val_loss_t0", "val_loss_t1", "val_loss_t2", "val_loss_t3"])
@@ -337,6 +348,7 @@ def run_training(cfg: Config) -> dict:
         return {"model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg),
+                "loss_scale": loss_scale.state_dict() if loss_scale.enabled else None,
                 "train_seconds": time.time() - t_start}
 
     # --- the training loop ---
@@ -381,15 +393,17 @@ def run_training(cfg: Config) -> dict:
             with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
                 loss, per_sample, t = flow_matching_loss(train_model, batch, cfg, gen,
                                                          ema_model if use_consistency else None)
-            (loss / cfg.grad_accum).backward()
+            loss_scale.backward(loss / cfg.grad_accum)
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
-        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step)
-        streak = torch.where(finite, 0, streak + 1)  # counted on the device: read on logging steps only
-        skipped, longest = skipped + streak.clamp(max=1), torch.maximum(longest, streak)
+        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale)
+        # fp16: a non-finite step while the loss scale is >= 1 (an overflow of loss x scale) only lowers the scale
+        failed = ~finite & ~loss_scale.overflow
+        streak = torch.where(failed, streak + 1, torch.where(finite, 0, streak))  # on the device: read when logging
+        skipped, longest = skipped + failed, torch.maximum(longest, streak)
         step += 1
         bar.update(1)
 
@@ -410,7 +424,7 @@ def run_training(cfg: Config) -> dict:
             mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
             row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
-                   "nonfinite": n_skipped,
+                   "nonfinite": n_skipped, "loss_scale": loss_scale.scale.item() if loss_scale.enabled else "",
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
             sums, counts = bucket_sums.tolist(), bucket_counts.tolist()
             for i in range(4):

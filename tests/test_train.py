@@ -1,6 +1,8 @@
 """train.py end to end on the tiny preset: files, exact resume, kill -9, non-finite guard, SIGINT, DDP."""
 import csv
+import functools
 import io
+import math
 import os
 import signal
 import subprocess
@@ -51,9 +53,11 @@ def test_two_steps_write_the_expected_files(tiny_data, tmp_path):
     assert {"model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "rng", "config"} <= set(ckpt)
 
 
-@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adamw8bit", "flat_8bit": "on"}])
-def test_resume_equals_uninterrupted(tiny_data, tmp_path, optimizer):
-    """N steps + resume + M steps gives the same weights as N + M steps (CPU, exact)."""
+@pytest.mark.parametrize("optimizer", [{}, {"optimizer": "adamw8bit", "flat_8bit": "on"}, {"mixed_precision": "fp16"}])
+def test_resume_equals_uninterrupted(tiny_data, tmp_path, optimizer, monkeypatch):
+    """N steps + resume + M steps gives the same weights as N + M steps (CPU, exact); fp16 also the loss scale."""
+    # the scale doubles every step (until an overflow halves it): a resume that restarted it would differ
+    monkeypatch.setattr(T, "LossScale", functools.partial(T.LossScale, growth_interval=1))
     base = tiny_args(tiny_data, tmp_path, max_steps=6, checkpoint_every=3, keep_checkpoints=5,
                      caption_dropout=0.5, **optimizer)
     full = get_config("tiny", run_name="full", **base)
@@ -66,6 +70,91 @@ def test_resume_equals_uninterrupted(tiny_data, tmp_path, optimizer):
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name} differs after resume"
+    assert a["loss_scale"] == b["loss_scale"]
+    if optimizer.get("mixed_precision") == "fp16":  # the resumed run went on from a scale that had moved
+        at3 = torch.load(os.path.join(full.run_dir, "checkpoints", "step_0000003.pt"), weights_only=False)
+        assert at3["loss_scale"]["scale"] != 2.0 ** 16
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_fp16_loss_scale_unscales_exactly_skips_overflows_and_adapts(optimizer):
+    """optim.LossScale: a scaled backward + unscale gives the same update as none (a power of 2 is exact in
+    fp32); a non-finite gradient skips the step and halves the scale, counted as an overflow only while the
+    scale is >= 1; growth_interval finite steps double it."""
+    from model import DiTConfig, SingleStreamDiT
+    from optim import LossScale, make_optimizer, optimizer_update
+    cfg = get_config("tiny", optimizer=optimizer, flat_8bit="off")
+    torch.manual_seed(0)
+    models = [SingleStreamDiT(DiTConfig.from_config(cfg)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    emas = [SingleStreamDiT(DiTConfig.from_config(cfg)).requires_grad_(False) for _ in range(2)]
+    for e in emas:
+        e.load_state_dict(models[0].state_dict())
+    opts = [make_optimizer(m, cfg) for m in models]
+    scale = LossScale("cpu", enabled=True, init=2.0 ** 12, growth_interval=2)
+    x, text = torch.randn(2, 3, 16, 16), torch.randn(2, 5, cfg.text_dim)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+
+    def step(i, poison=1.0):
+        for j, (m, e, o) in enumerate(zip(models, emas, opts)):
+            o.zero_grad(set_to_none=True)
+            loss = m(x, torch.full((2,), 0.3 + 0.1 * i), text, mask).pow(2).mean() + models[j].null_caption.sum()
+            loss = loss * poison
+            if j == 0:
+                loss.backward()
+                optimizer_update(m, e, o, cfg, i)
+            else:
+                scale.backward(loss)
+                optimizer_update(m, e, o, cfg, i, scale)
+
+    for i in range(3):
+        step(i)
+    assert scale.scale.item() == 2.0 ** 13 and not scale.overflow  # doubled after 2 finite steps
+    for a, b in zip([*models[0].parameters(), *emas[0].parameters()], [*models[1].parameters(), *emas[1].parameters()]):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in models[1].parameters()]
+    step(3, poison=float("inf"))  # an overflow: skipped, halved, explained by the scale
+    assert scale.scale.item() == 2.0 ** 12 and scale.overflow
+    assert all(torch.equal(a, b) for a, b in zip(before, models[1].parameters()))
+    scale.scale.fill_(0.5)
+    step(4, poison=float("nan"))  # below a scale of 1 the gradient itself is not finite: not an overflow
+    assert scale.scale.item() == 0.25 and not scale.overflow
+    state = scale.state_dict()
+    again = LossScale("cpu", enabled=True)
+    again.load_state_dict(state)
+    assert again.state_dict() == state == {"scale": 0.25, "growth_tracker": 0}
+    off = LossScale("cpu", enabled=False)
+    off.update(torch.tensor(False))
+    assert off.scale.item() == 1.0 and not off.overflow
+
+
+def test_precision_auto_is_bf16_on_ampere_fp16_on_older_gpus_fp32_on_cpu(monkeypatch):
+    cfg = get_config("tiny")
+    assert T.precision_for(cfg, torch.device("cpu")) is None
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(T, "native_bf16", lambda device: native)
+        assert T.precision_for(cfg, torch.device("cuda")) == dtype
+    for setting, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)):
+        assert T.precision_for(get_config("tiny", mixed_precision=setting), torch.device("cuda")) == dtype
+
+
+def test_fp16_training_lowers_a_scale_that_overflows_without_stopping_the_run(tiny_data, tmp_path, monkeypatch):
+    """An fp16 run whose loss scale starts far too high skips steps until the scale fits; those overflows
+    are not non-finite steps (max_nonfinite=3 would stop the run) and the weights stay finite."""
+    monkeypatch.setattr(T, "LossScale", functools.partial(T.LossScale, init=2.0 ** 40))
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=40, max_nonfinite=3, mixed_precision="fp16",
+                                           log_every=1, checkpoint_every=40))
+    result = T.train(cfg)
+    assert result["status"] == "done" and result["step"] == 40 and not result["diverged"]
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    scales = [float(r["loss_scale"]) for r in rows]
+    assert scales[0] <= 2.0 ** 39 and scales[-1] < 2.0 ** 30 and scales == sorted(scales, reverse=True)
+    assert all(int(r["nonfinite"]) == 0 for r in rows)
+    assert all(math.isfinite(float(r["grad_norm"])) for r in rows[-5:])  # it found a scale that fits
+    ckpt = torch.load(C.list_checkpoints(cfg)[-1], weights_only=False)
+    assert ckpt["loss_scale"]["scale"] == scales[-1]
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 def test_non_finite_losses_skip_then_stop(tiny_data, tmp_path, monkeypatch):
