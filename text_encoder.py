@@ -143,6 +143,10 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     if kind in ("clip", "encoder") and max_positions and cfg.max_token_length > max_positions:
         raise ConfigError(f"max_token_length={cfg.max_token_length} but {cfg.text_encoder!r} takes at most "
                           f"{max_positions} tokens")
+    layers = getattr(text_config, "num_hidden_layers", None)  # hidden states: the embeddings + one per layer
+    if isinstance(layers, int) and not -(layers + 1) <= cfg.text_layer <= layers:
+        raise ConfigError(f"text_layer={cfg.text_layer}: {cfg.text_encoder!r} has {layers + 1} hidden states "
+                          f"(text_layer from -{layers + 1} to {layers})")
 
     dtype = dtype or default_dtype(device)
     model_class = getattr(transformers, CLASS_FOR_TYPE[kind])
@@ -162,6 +166,15 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     if missing:
         raise ConfigError(f"text_encoder={cfg.text_encoder!r}: {len(missing)} encoder weights are not in "
                           f"the checkpoint (e.g. {sorted(missing)[0]}); they would be random")
+    if kind == "encoder" and hasattr(model, "text_model") and hasattr(model, "vision_model"):
+        model = model.text_model  # a dual-tower model (SigLIP, ALIGN-like): its text tower
+    # A folder without tokenizer files (a pipeline's text_encoder_2/, its tokenizer in tokenizer_2/) loads
+    # as an empty tokenizer: every word <unk> or no token at all, a cache without captions. Refuse it.
+    red, blue = tokenizer(["a red square", "a blue circle"], add_special_tokens=False)["input_ids"]
+    if not red or red == blue or all(i == tokenizer.unk_token_id for i in red):
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: its tokenizer cannot tell 'a red square' from "
+                          f"'a blue circle' (token ids {red} and {blue}): are the tokenizer files missing "
+                          "from the folder? Copy them (e.g. a pipeline's tokenizer_2/) beside its config.json")
     tokenizer.padding_side = "right"  # real tokens first, padding after (Gemma tokenizers pad left)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -118,6 +118,44 @@ def test_text_layer_picks_an_earlier_hidden_state(tmp_path):
     assert_matches(load_text_encoder(cfg), lambda i, a: saved(input_ids=i, attention_mask=a,
                                                               output_hidden_states=True).hidden_states[-2], 12,
                    atol=1e-5)
-    with pytest.raises(ConfigError, match="text_layer=-40"):
-        load_text_encoder(get_config("tiny", text_layer=-40, text_encoder=str(tmp_path), text_dim=32,
-                                     max_token_length=12)).encode(["a"])
+    for layer in (-4, 3):  # 2 layers: 3 hidden states, -3 .. 2; refused at load, before anything is encoded
+        with pytest.raises(ConfigError, match=f"text_layer={layer}: .* has 3 hidden states"):
+            load_text_encoder(get_config("tiny", text_layer=layer, text_encoder=str(tmp_path), text_dim=32,
+                                         max_token_length=12))
+    assert load_text_encoder(get_config("tiny", text_layer=-3, text_encoder=str(tmp_path), text_dim=32,
+                                        max_token_length=12)).encode(["a red circle"])[0].shape == (1, 12, 32)
+
+
+def test_a_folder_without_its_tokenizer_is_refused(tmp_path):
+    """A pipeline's text_encoder_2/ (config + weights, the tokenizer in tokenizer_2/) loads as an empty
+    tokenizer in transformers 5: every caption the same, or no token at all. One line, not a useless cache."""
+    import shutil
+    for name, save, kw in (("t5", save_tiny_t5, {}), ("qwen3", save_tiny_qwen3, {"text_layer": -2})):
+        save(str(tmp_path / name))
+        bare = tmp_path / f"{name}_bare"
+        bare.mkdir()
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(tmp_path / name / f, bare / f)
+        settings = dict(text_dim=32, max_token_length=12, **{"text_layer": -1, **kw})
+        with pytest.raises(ConfigError, match="tokenizer cannot tell 'a red square' from 'a blue circle'") as e:
+            load_text_encoder(get_config("tiny", text_encoder=str(bare), **settings))
+        assert "\n" not in str(e.value)
+        load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / name), **settings))  # with it: fine
+
+
+def test_a_dual_tower_model_gives_its_text_tower(tmp_path):
+    """SigLIP-like checkpoints (text + vision towers in one model) load as `encoder`: the text tower encodes."""
+    from transformers import SiglipConfig, SiglipModel
+    from tiny_models import WORDS
+    config = SiglipConfig(text_config=dict(vocab_size=len(WORDS) + 4, hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16),
+                          vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=16, patch_size=8))
+    torch.manual_seed(0)
+    saved = SiglipModel(config).eval()
+    saved.save_pretrained(str(tmp_path))
+    make_tokenizer(bos=True).save_pretrained(str(tmp_path))
+    enc = load_text_encoder(get_config("tiny", text_layer=-1, text_encoder=str(tmp_path), text_dim=32,
+                                       max_token_length=10))
+    assert enc.kind == "encoder" and type(enc.model).__name__ == "SiglipTextModel"
+    assert_matches(enc, lambda i, a: saved.text_model(input_ids=i, attention_mask=a).last_hidden_state, 10, atol=1e-5)
