@@ -152,7 +152,7 @@ def inception_features(net, images, device, batch=32):
     import numpy as np
     feats = []
     for i in range(0, len(images), batch):
-        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((299, 299)))).permute(2, 0, 1)
+        x = torch.stack([torch.from_numpy(np.array(im.convert("RGB").resize((299, 299)))).permute(2, 0, 1)
                          for im in images[i:i + batch]]).float().to(device)
         with torch.no_grad():
             feats.append(net(x).reshape(x.shape[0], -1).float().cpu())
@@ -164,7 +164,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     """FID of generated images (held-out captions) against the held-out source images."""
     from dataset import CachedDataset
     from images import load_image, resize_and_crop
-    from sample import encode_prompts, generate, latent_space_for
+    from sample import generate, latent_space_for
     if not inception_path or not os.path.isfile(inception_path):
         return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
                       "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
@@ -188,8 +188,9 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     for it in items:
         c, h, w = it["latents"].shape
         size = (w * cfg.vae_downsample, h * cfg.vae_downsample)
-        fake += generate(model, space, encode_prompts(cfg, [it["caption"]], device), cfg, seed=seed + len(fake),
-                         size=size, steps=steps, cfg_scale=cfg_scale, sampler=sampler)
+        emb = it["text"][None].float().to(device), it["mask"][None].to(device)  # cached: no encoder to load
+        fake += generate(model, space, emb, cfg, seed=seed + len(fake), size=size, steps=steps, cfg_scale=cfg_scale,
+                         sampler=sampler)
     if len(real) < 2:
         return None, "FID skipped: held-out source images not found"
     fid = frechet_distance(inception_features(net, real, device), inception_features(net, fake, device))

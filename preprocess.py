@@ -126,6 +126,9 @@ def write_manifest(cache_dir: str, manifest: dict):
 def check_manifest(cfg: Config, manifest: dict):
     """CacheError naming the first setting the cache was built with that differs from cfg."""
     for key in CACHE_SETTINGS:
+        if key in ("vae", "text_encoder") and os.path.isdir(getattr(cfg, key)) \
+                and isinstance(manifest.get(key), str) and same_folder(manifest[key], getattr(cfg, key)):
+            continue  # models/vae, models/vae/ and /abs/models/vae are one folder
         if manifest.get(key) != getattr(cfg, key):
             raise CacheError(f"cache_dir={cfg.cache_dir} was built with {key}={manifest.get(key)!r} but the "
                              f"config has {key}={getattr(cfg, key)!r}: rebuild it (python preprocess.py "
@@ -344,6 +347,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             old = load_manifest(cfg.cache_dir)
         except ManifestUnreadable as e:
             say(f"warning: {e}: re-encoding everything", file=sys.stderr)
+    if old is not None and not old.get("entries"):
+        old = None  # nothing cached (a first run that failed): its settings bind nothing
     if old is not None:
         check_manifest(cfg, old)
         if not same_folder(old.get("data_dir"), cfg.data_dir):  # nothing in the old cache is known to match
@@ -465,6 +470,10 @@ def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=pri
         say(f"{'bucket (WxH)':>14} {'latents (CxhxW)':>16} {'samples':>8} {'new':>6}")
         for key in sorted(per_bucket, key=lambda b: b[0] / b[1]):
             say(f"{key[0]:>7}x{key[1]:<6} {shapes[key]:>16} {per_bucket[key]:>8} {new_per_bucket[key]:>6}")
+    full = sum(e.get("tokens", 0) >= cfg.max_token_length for e in new_entries.values())
+    if full:  # the cache cannot tell a cut caption from one that fits exactly: say how many might be cut
+        say(f"note: {full} caption(s) fill all max_token_length={cfg.max_token_length} tokens: probably cut "
+            "(a larger max_token_length keeps more of them)")
     cropped = sorted((e["area_kept"], s) for s, e in new_entries.items() if e.get("area_kept", 1) < CROP_WARNING)
     if cropped:  # a panorama in a 2:1 bucket loses half of itself: say so once, when it is encoded
         kept, source = cropped[0]

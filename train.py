@@ -213,7 +213,7 @@ def run_training(cfg: Config) -> dict:
     from dataset import make_loader
     from latents import LatentSpace
     from model import DiTConfig, SingleStreamDiT
-    from preprocess import ensure_cache
+    from preprocess import CACHE_SETTINGS, ensure_cache
     from sample import encode_prompts, generate, save_grid
     import generate_graph
 
@@ -282,7 +282,9 @@ def run_training(cfg: Config) -> dict:
         changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
                    if k in trained and trained[k] != v and k not in RESUME_FREE]
         if changed and master:  # allowed, but a resumed run is then not the run it continues
-            print(f"note: resuming with changed settings: {', '.join(changed)}")
+            inputs = [c for c in changed if c.split()[0] in CACHE_SETTINGS]  # other text embeddings or latents
+            print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
+                  + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         set_rng_state(ckpt["rng"], gen)
         if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found

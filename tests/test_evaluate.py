@@ -34,7 +34,7 @@ def test_frechet_distance_known_values():
     assert abs(frechet_distance(a, b) - 6.0) < 0.3
 
 
-def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
+def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
     from evaluate import evaluate_fid
     from sample import load_run
 
@@ -45,6 +45,11 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path):
     path = tmp_path / "inception.pt"
     torch.jit.script(Features()).save(str(path))
     cfg, model = load_run(tiny_run)
+    import text_encoder
+
+    def no_encoder(*a, **k):
+        raise AssertionError("FID uses the cached caption embeddings: no text encoder is loaded")
+    monkeypatch.setattr(text_encoder, "load_text_encoder", no_encoder)
     fid, message = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=2)
     assert fid is not None and fid >= 0 and message.startswith("FID")
     none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))

@@ -616,6 +616,25 @@ def test_a_cache_built_with_other_settings_is_an_error(tmp_path, t5_dir):
             P.load_manifest(cfg.cache_dir)
     repaired = P.ensure_cache(other)  # preprocess (and so train.py) re-encodes everything
     assert repaired["entries"] == rebuilt["entries"] and P.load_manifest(cfg.cache_dir) == repaired
+    # another spelling of the same encoder folder (a trailing slash, relative) is the same setting
+    for spelling in (t5_dir + "/", os.path.relpath(t5_dir)):
+        P.check_manifest(pixel_cfg(tmp_path, t5_dir, max_token_length=6, text_encoder=spelling), repaired)
+    with pytest.raises(P.CacheError, match="text_encoder="):
+        P.check_manifest(pixel_cfg(tmp_path, t5_dir, max_token_length=6, text_encoder=str(tmp_path)), repaired)
+
+
+def test_a_manifest_without_entries_binds_no_settings(tmp_path, t5_dir, capsys):
+    """A first run that failed before encoding anything (e.g. a wrong setting) must not block the fixed
+    command with 'built with other settings'. Captions that fill max_token_length are counted in a note."""
+    cfg = pixel_cfg(tmp_path, t5_dir, max_token_length=6)
+    make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24)])
+    os.makedirs(cfg.cache_dir)
+    P.write_manifest(cfg.cache_dir, {"version": 1, **{k: "other" for k in P.CACHE_SETTINGS}, "entries": {},
+                                     "skipped": {}})
+    manifest = P.ensure_cache(cfg)
+    assert len(manifest["entries"]) == 2 and manifest["max_token_length"] == 6
+    out = capsys.readouterr().out  # "a red square on a white background": 7 words + </s> > 6 tokens
+    assert "note: 2 caption(s) fill all max_token_length=6 tokens: probably cut" in out
 
 
 def test_split_for_rank_is_disjoint_and_covers_everything():

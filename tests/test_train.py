@@ -351,6 +351,12 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path, capsys):
     auto = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", max_steps=5,
                                              resume="auto")))  # auto takes the checkpoint's layout: flat
     assert auto["step"] == 5 and "fresh state" not in capsys.readouterr().out
+    # resumed on a cache of other text embeddings (a shorter max_token_length): a warning, not a note
+    other = T.train(get_config("tiny", **dict(args, run_name="r8", optimizer="adamw8bit", max_steps=6, resume="auto",
+                                              max_token_length=12, cache_dir=str(tmp_path / "cache12"))))
+    out = capsys.readouterr().out
+    assert other["step"] == 6 and "warning: resuming with changed settings: " in out
+    assert "max_token_length 16 -> 12" in out and "trained on other text embeddings or latents" in out
 
 
 def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path, capsys):
