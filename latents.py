@@ -30,6 +30,7 @@ def files_only(name: str) -> bool:
     return os.path.isdir(name) or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
 
 
+LATENT_STATS = "latent_stats.json"  # in a run folder: the latent mean/std its training data had (latent_norm)
 HUB_HINT = "not in the Hugging Face cache and not downloadable: check the id, log in with `hf auth login` " \
            "for gated repos, or give a local folder; offline, HF_HUB_OFFLINE=1 skips the network retries"
 

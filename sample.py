@@ -107,12 +107,15 @@ def with_sample_shift(cfg, shift):
 
 
 def latent_space_for(cfg, device="cpu"):
-    """The run's LatentSpace as training used it: with the cache's per-channel mean/std when latent_norm
-    is on (without them the decoded colours would be off: a warning says so)."""
-    from latents import LatentSpace
+    """The run's LatentSpace as training used it: with latent_norm, the per-channel mean/std its training
+    data was normalised with (run_dir/latent_stats.json, written by train.py; older runs: the cache's
+    manifest). Without them the decoded colours would be off: a warning says so."""
+    from latents import LATENT_STATS, LatentSpace
     stats = None
     if cfg.latent_norm:
-        path = os.path.join(cfg.cache_dir, "manifest.json")
+        path = os.path.join(cfg.run_dir, LATENT_STATS)
+        if not os.path.isfile(path):
+            path = os.path.join(cfg.cache_dir, "manifest.json")
         try:
             with open(path, encoding="utf-8") as f:
                 stats = json.load(f)
@@ -177,6 +180,8 @@ def load_run(run_dir, device="cpu"):
             cfg = config_from_dict(json.load(f))
     except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
         raise ConfigError(f"{cfg_path}: not a readable run config ({str(e).splitlines()[0]})") from None
+    # cfg.run_dir is where the run is now (it may have been moved or copied since it was trained)
+    cfg = replace(cfg, out_dir=os.path.dirname(os.path.abspath(run_dir)), run_name=os.path.basename(os.path.abspath(run_dir)))
     expected = DiTConfig.from_config(cfg)
     model_dir = os.path.join(run_dir, "model")
     problem = None

@@ -211,7 +211,7 @@ def train(cfg: Config) -> dict:
 
 def run_training(cfg: Config) -> dict:
     from dataset import make_loader
-    from latents import LatentSpace
+    from latents import LATENT_STATS, LatentSpace
     from model import DiTConfig, SingleStreamDiT
     from preprocess import CACHE_SETTINGS, ensure_cache
     from sample import encode_prompts, generate, save_grid
@@ -319,6 +319,9 @@ def run_training(cfg: Config) -> dict:
         prompts = default_val_prompts(cfg, val_set if val_loader else None)
         prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
         latent_space = LatentSpace.from_config(cfg, device=device, stats=manifest)
+        if cfg.latent_norm:  # sampling later uses these, whatever happens to the cache after
+            write_json(os.path.join(cfg.run_dir, LATENT_STATS), {k: manifest[k] for k in (
+                "latent_mean", "latent_std", "scale", "shift")})
 
     def validate_and_sample(step):
         row = validation_loss(ema_model, val_loader, cfg, device)

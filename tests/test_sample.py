@@ -1,5 +1,7 @@
 """sample.py end to end on a tiny trained run: files, determinism, errors."""
 import os
+
+import pytest
 import subprocess
 import sys
 
@@ -154,6 +156,34 @@ def test_latent_space_for_uses_the_cache_stats_like_training(tmp_path, capsys):
     for name in ("step_0000200.pt", "step_0001000.pt", "step_final.pt"):
         (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
     assert run_step(str(tmp_path / "run")) == 1000 and run_step(str(tmp_path / "nothing")) is None
+
+
+def test_a_run_keeps_the_latent_stats_it_was_trained_with(tiny_data, tmp_path):
+    """latent_norm: train.py writes the stats its data was normalised with into the run; sampling uses
+    them even after the cache changed (images added), and from wherever the run folder was moved to."""
+    import json
+    import shutil
+    from config import get_config
+    from sample import latent_space_for, load_run
+    from train import train
+    cache = str(tmp_path / "cache")
+    shutil.copytree(tiny_data["cache_dir"], cache)
+    cfg = get_config("tiny", out_dir=str(tmp_path / "runs"), optimizer="adamw", max_steps=2, latent_norm=True,
+                     data_dir=tiny_data["data_dir"], cache_dir=cache)
+    train(cfg)
+    with open(os.path.join(cache, "manifest.json")) as f:
+        manifest = json.load(f)
+    with open(os.path.join(cfg.run_dir, "latent_stats.json")) as f:
+        assert json.load(f)["latent_std"] == manifest["latent_std"]
+    manifest["latent_std"] = [s * 2 for s in manifest["latent_std"]]  # the cache, refreshed with more images
+    with open(os.path.join(cache, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    moved = str(tmp_path / "elsewhere" / "myrun")
+    shutil.move(cfg.run_dir, moved)
+    loaded, _ = load_run(moved)
+    assert loaded.run_dir == moved
+    std = latent_space_for(loaded).std.tolist()
+    assert std == pytest.approx([s / 2 for s in manifest["latent_std"]]) and std != manifest["latent_std"]
 
 
 def test_the_default_size_is_a_trained_bucket():
