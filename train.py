@@ -229,11 +229,8 @@ def run_training(cfg: Config) -> dict:
         if moved:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
 
-    # --- data: build or refresh the cache (rank 0), then loaders over it ---
-    if master:
-        manifest = ensure_cache(cfg)
-    if world > 1:
-        dist.barrier()
+    # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
+    manifest = ensure_cache(cfg, distributed=world > 1)  # each rank encodes its share: none waits on rank 0
     # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
     compiled = use_compile(cfg, device)
     loader, batch_sampler, train_set = make_loader(cfg, "train", rank, world, drop_last=compiled)
@@ -286,7 +283,18 @@ def run_training(cfg: Config) -> dict:
             print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
                   + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        set_rng_state(ckpt["rng"], gen)
+        saved_world = ckpt.get("world_size", world)
+        if saved_world != world:  # batch_in_epoch counts one rank's batches: rescale it to the new ranks'
+            batch_in_epoch = batch_in_epoch * saved_world // world
+            if master:
+                print(f"note: resuming a {saved_world}-process run with {world}: the epoch goes on at batch "
+                      f"{batch_in_epoch * world} of its shared batch list")
+        rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # each rank's noise/t stream (rank 0's: older runs)
+        if saved_world == world and rank < len(rng_ranks):
+            set_rng_state(rng_ranks[rank], gen)
+        else:  # no saved stream for this rank: one of its own, never a copy of rank 0's
+            set_rng_state(ckpt["rng"], gen)
+            gen.manual_seed(((cfg.seed * 1000 + rank) * 1_000_003 + step) % 2 ** 63)
         if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
             loss_scale.load_state_dict(ckpt["loss_scale"])
         if master:
@@ -344,13 +352,15 @@ def run_training(cfg: Config) -> dict:
 
     def on_signal(signum, frame):
         if stop["signal"] is not None:  # second Ctrl-C: give up immediately
+            if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards the job's signal: the same request;
+                return  # its --shutdown_timeout (then SIGKILL) is the hard stop
             raise KeyboardInterrupt
         stop["signal"] = signum
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def checkpoint_state():
-        return {"model": model.state_dict(), "ema": ema_model.state_dict(),
+    def checkpoint_state(rng_ranks=None):
+        return {"world_size": world, "rng_ranks": rng_ranks, "model": model.state_dict(), "ema": ema_model.state_dict(),
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
                 "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg),
                 "loss_scale": loss_scale.state_dict() if loss_scale.enabled else None,
@@ -424,6 +434,10 @@ def run_training(cfg: Config) -> dict:
                 kept = "last good checkpoint kept" if step_files(checkpoint_dir(cfg)) else "no checkpoint written yet"
                 status = f"stopped: {n_longest} non-finite steps in a row ({kept})"
                 diverged = True
+        if world > 1 and log_now:  # the logged losses are over every rank's samples, not rank 0's
+            packed = torch.cat([loss_sum.reshape(1), loss_n.reshape(1).float(), bucket_sums, bucket_counts])
+            dist.all_reduce(packed)
+            loss_sum, loss_n, bucket_sums, bucket_counts = packed[0], packed[1], packed[2:6], packed[6:10]
         if master and log_now:
             elapsed = time.time() - t_log
             mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
@@ -439,6 +453,7 @@ def run_training(cfg: Config) -> dict:
             log.write(row)
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
             t_log, images_since_log = time.time(), 0
+        if log_now:  # every rank: the next all-reduce sums the new window only
             bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
             loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
         if diverged:
@@ -463,9 +478,13 @@ def run_training(cfg: Config) -> dict:
         elif out_of_time:
             status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
         final = last_step or stop["signal"] is not None or out_of_time
+        rng_ranks = None
+        if world > 1 and (step % cfg.checkpoint_every == 0 or final):  # the same steps on every rank
+            rng_ranks = [None] * world
+            dist.all_gather_object(rng_ranks, rng_state(gen), group=host_group)
         if master and (step % cfg.checkpoint_every == 0 or final):
             try:
-                save_checkpoint(cfg, checkpoint_state())
+                save_checkpoint(cfg, checkpoint_state(rng_ranks))
             except OSError as e:  # e.g. a full disk: train on, try again at the next checkpoint
                 unsaved = str(e)
                 tqdm.write(f"warning: {e}; " + ("exporting the model" if final else "training goes on"))
@@ -474,24 +493,26 @@ def run_training(cfg: Config) -> dict:
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
-    for sig, handler in previous_handlers.items():  # train() called from Python: leave signals as they were
-        signal.signal(sig, handler)
-
-    # --- export the EMA model, draw the graphs ---
-    if master:
-        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
-        if unsaved:  # the model is exported, but the run cannot resume from this step
-            raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
-                          "last checkpoint written")
-        try:
-            generate_graph.make_graphs(cfg.run_dir)
-        except Exception as e:  # graphs are a convenience; never lose a run over them
-            print(f"warning: graphs not drawn: {e}")
-        minutes = (time.time() - t_start) / 60
-        print(f"{status}: {step} steps in {minutes:.1f} min -> {cfg.run_dir}")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    # --- export the EMA model, draw the graphs (a signal meanwhile, e.g. torchrun passing on the job's
+    # SIGTERM, is one more request to stop: the export goes on) ---
+    try:
+        if master:
+            ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
+            if unsaved:  # the model is exported, but the run cannot resume from this step
+                raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from "
+                              "the last checkpoint written")
+            try:
+                generate_graph.make_graphs(cfg.run_dir)
+            except Exception as e:  # graphs are a convenience; never lose a run over them
+                print(f"warning: graphs not drawn: {e}")
+            minutes = (time.time() - t_start) / 60
+            print(f"{status}: {step} steps in {minutes:.1f} min -> {cfg.run_dir}")
+        if world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        for sig, handler in previous_handlers.items():  # train() called from Python: leave signals as they were
+            signal.signal(sig, handler)
     return {"status": status, "step": step, "run_dir": cfg.run_dir, "diverged": diverged}
 
 

@@ -306,6 +306,64 @@ def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path, optimi
     assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
 
 
+def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
+    """Under torchrun: the cache is built by both ranks (a fresh cache_dir), each rank's noise/t stream is in
+    the checkpoint, so 2 + resume + 2 steps equal 4 uninterrupted steps (with rank 0's stream on both ranks
+    after a resume they did not); a resume with one process goes on at the same place in the epoch."""
+    from conftest import on_a_free_port
+    base = tiny_args(tiny_data, tmp_path, checkpoint_every=2, keep_checkpoints=5, cache_dir=str(tmp_path / "cache"))
+
+    def torchrun(**extra):
+        args = dict(base, **extra)
+        def run(port):
+            proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                               "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()])
+            out, _ = proc.communicate(timeout=300)
+            assert proc.returncode == 0, out
+            return out
+        return on_a_free_port(run)
+
+    torchrun(run_name="full", max_steps=4)
+    ckpt = lambda run, n: torch.load(os.path.join(tmp_path, run, "checkpoints", f"step_{n:07d}.pt"), weights_only=False)
+    at2 = ckpt("full", 2)
+    assert at2["world_size"] == 2 and len(at2["rng_ranks"]) == 2
+    assert not torch.equal(at2["rng_ranks"][0]["gen"], at2["rng_ranks"][1]["gen"])
+    resume = os.path.join(tmp_path, "full", "checkpoints", "step_0000002.pt")
+    torchrun(run_name="resumed", max_steps=4, resume=resume)
+    a, b = ckpt("full", 4), ckpt("resumed", 4)
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), f"{name} differs after a torchrun resume"
+    single = T.train(get_config("tiny", **dict(base, run_name="single", max_steps=3, resume=resume)))
+    assert single["step"] == 3 and "note: resuming a 2-process run with 1" in capsys.readouterr().out
+    assert ckpt("single", 3)["batch_in_epoch"] == 2 * at2["batch_in_epoch"] + 1
+
+
+def test_torchrun_job_signalled_as_a_whole_saves_a_checkpoint(tiny_data, tmp_path):
+    """A scheduler's SIGTERM to every process of a torchrun job reaches each worker twice (directly and
+    forwarded by torchrun): still one request to stop, so the checkpoint is saved, not given up on."""
+    from conftest import on_a_free_port
+    args = tiny_args(tiny_data, tmp_path, max_steps=100000, checkpoint_every=100000, log_every=1, run_name="job")
+    log = os.path.join(tmp_path, "job", "log.csv")
+
+    def run(port):
+        proc = run_script(["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()], start_new_session=True)
+        ok = wait_for(lambda: os.path.exists(log) and sum(1 for _ in open(log)) >= 4, proc)
+        if ok:  # each worker, then torchrun (which sends each worker another)
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                for worker in f.read().split():
+                    os.kill(int(worker), signal.SIGTERM)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        return out
+
+    out = on_a_free_port(run)
+    assert "checkpoint saved" in out, out[-3000:]
+    ckpts = os.listdir(os.path.join(tmp_path, "job", "checkpoints"))
+    assert len(ckpts) == 1 and os.path.isfile(os.path.join(tmp_path, "job", "model", "model.safetensors"))
+
+
 def test_sanity_check_overfits(tiny_data, tmp_path):
     from sanity_check import sanity_check
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path))
