@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -310,6 +311,8 @@ def run_training(cfg: Config) -> dict:
         host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # the depthwise conv's weight gradient has another stride on its size-1 dimension: the same layout
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
     # --- run folder (rank 0 writes everything) ---
     gate_names = sorted(model.fourier_gate_stats())
