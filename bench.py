@@ -199,9 +199,11 @@ def bench_preprocess(cfg, device, opts) -> dict:
     out = {}
     side = cfg.target_resolution - cfg.target_resolution % cfg.bucket_align
     images = torch.rand(opts["sample_batch"], 3, side, side, device=device) * 2 - 1
+    from preprocess import encode_device_and_dtype
+    _, dtype = encode_device_and_dtype(cfg, distributed=False)  # the precision preprocess.py encodes in
     try:
         from latents import LatentSpace
-        space = LatentSpace.from_config(cfg, device=device)
+        space = LatentSpace.from_config(cfg, device=device, dtype=dtype)
         space.encode(images)
         sync(device)
         t0 = time.perf_counter()
@@ -212,7 +214,7 @@ def bench_preprocess(cfg, device, opts) -> dict:
         out["vae_images_per_s"] = f"skipped ({str(e).splitlines()[0][:80]})"
     try:
         from text_encoder import load_text_encoder
-        enc = load_text_encoder(cfg, device=device)
+        enc = load_text_encoder(cfg, device=device, dtype=dtype)
         captions = ["a small red circle in the top left on a white background"] * opts["sample_batch"]
         enc.encode(captions)
         t0 = time.perf_counter()
