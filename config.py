@@ -26,6 +26,7 @@ SWITCHES = ("auto", "on", "off")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+MAX_CFG_SCALE = 1000  # far past any useful guidance; much larger ones overflow the velocity to inf (black)
 MAY_BE_INF = ("max_minutes", "grad_clip", "huber_delta")  # inf means: no time limit, no clipping, plain L2
 
 
@@ -194,7 +195,7 @@ class Config:
         need(0 <= self.t_uniform_mix <= 1, "t_uniform_mix", "must be in [0, 1]")
         need(0 < self.x_pred_t_min < 1, "x_pred_t_min", "must be in (0, 1)")
         need(self.sigma_data > 0, "sigma_data", "must be > 0")
-        need(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        need(0 <= self.cfg_scale <= MAX_CFG_SCALE, "cfg_scale", f"must be from 0 to {MAX_CFG_SCALE} (1 = no guidance)")
         need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")
         need(os.path.abspath(self.cache_dir) != os.path.abspath(self.data_dir), "cache_dir",
              "must not be data_dir (preprocess deletes .pt files in the cache that it did not write)")

@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from PIL import Image, ImageDraw
 
-from config import ConfigError, main_guard, resolve_device, config_from_dict
+from config import MAX_CFG_SCALE, ConfigError, config_from_dict, main_guard, resolve_device
 from images import Skip, decode_text
 import samplers as S
 
@@ -135,8 +135,8 @@ def run_step(run_dir):
 def check_sampling_options(args):
     """One-line errors for --cfg / --seed values that would crash after the model is loaded, or give black
     images (nan, inf)."""
-    if args.cfg is not None and not (math.isfinite(args.cfg) and args.cfg >= 0):
-        raise ConfigError(f"--cfg {args.cfg}: must be a number >= 0 (1 = no guidance)")
+    if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_CFG_SCALE):
+        raise ConfigError(f"--cfg {args.cfg}: must be a number from 0 to {MAX_CFG_SCALE} (1 = no guidance)")
     if not -2 ** 63 <= args.seed < 2 ** 63:
         raise ConfigError(f"--seed {args.seed}: must fit in 64 bits")
 

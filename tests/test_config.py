@@ -57,6 +57,7 @@ def test_overrides_are_typed():
     (["seed=100000000000000000"], "seed"),
     (["cache_dir="], "cache_dir"),
     (["max_token_length=1"], "max_token_length"),
+    (["cfg_scale=1e308"], "cfg_scale"),                 # (the guided velocity overflows: black images)
 ])
 def test_bad_settings_name_the_key(argv, key):
     with pytest.raises(ConfigError) as e:

@@ -60,6 +60,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--shift", "-1"),
         (tiny_run, "--prompt", PROMPT, "--shift", "nan"),
         (tiny_run, "--prompt", PROMPT, "--cfg", "inf"),
+        (tiny_run, "--prompt", PROMPT, "--cfg", "1e308"),
         (tiny_run, "--prompt", PROMPT, "--seed", "99999999999999999999"),
         (tiny_run, "--prompt", PROMPT, "--steps", "100000000000000000000"),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
