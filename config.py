@@ -113,8 +113,8 @@ class Config:
     grad_accum: int = 1                # micro-steps per optimiser step
     grad_clip: float = 1.0             # max gradient norm (0 = off)
     ema_decay: float = 0.999           # EMA of the weights (fp32) for samples and export
-    mixed_precision: str = "auto"      # auto: bf16 on GPUs that have it (Ampere+), fp16 + loss scaling on older
-                                       # ones (T4, V100, RTX 20xx), fp32 on CPU | bf16 | fp16 | fp32
+    mixed_precision: str = "auto"      # auto: bf16 on GPUs that have it (Ampere+), fp16 + loss scaling on
+                                       # V100/T4/RTX 20xx, else fp32 (CPU, older GPUs) | bf16 | fp16 | fp32
     compile: str = "auto"              # torch.compile: auto (on for GPU) | on | off
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     num_workers: int = 0               # DataLoader workers

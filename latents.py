@@ -166,7 +166,8 @@ class LatentSpace:
             z_raw = images.float()                                    # (B, 3, H, W)
         else:
             p = next(self.vae.parameters())
-            z_raw = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mean  # (B, C, H/f, W/f)
+            with torch.autocast(p.device.type, enabled=False):  # (fp16 overflows in VAEs)
+                z_raw = self.vae.encode(images.to(p.device, p.dtype)).latent_dist.mean  # (B, C, H/f, W/f)
         z = self.scale_shift(z_raw)
         return self.normalize(z) if normalize else z
 
@@ -179,7 +180,8 @@ class LatentSpace:
                 raise RuntimeError("LatentSpace built with load_vae=False cannot decode")
             return z_raw
         p = next(self.vae.parameters())
-        return self.vae.decode(z_raw.to(p.device, p.dtype)).sample.float()  # (B, 3, H, W)
+        with torch.autocast(p.device.type, enabled=False):  # in the VAE's own dtype, not the caller's fp16
+            return self.vae.decode(z_raw.to(p.device, p.dtype)).sample.float()  # (B, 3, H, W)
 
 
 def load_vae_config(cfg: Config):

@@ -183,15 +183,22 @@ class LossScale:
         if self.enabled and grads:
             torch._foreach_mul_(grads, self.scale.reciprocal())  # a power of 2: exact
 
-    def update(self, finite):
+    def update(self, finite, loss_finite=None):
         """After a step: halve on a non-finite gradient, double after growth_interval finite ones.
         self.overflow: the step was skipped while the scale was >= 1, which the scale may explain (an fp16
         overflow of loss x scale); below 1 the gradient itself is not finite: train.py counts those steps
-        towards max_nonfinite. (A NaN loss halves the scale too; ~17 skips bring it below 1.)"""
+        towards max_nonfinite. loss_finite: whether the step's loss was finite (on every rank); a NaN/inf
+        loss (a damaged sample, a diverging model) leaves the scale alone and is a non-finite step."""
         if not self.enabled:
             return
-        self.overflow = ~finite & (self.scale >= 1)
-        torch._amp_update_scale_(self.scale, self.growth_tracker, (~finite).float(), 2.0, 0.5, self.growth_interval)
+        # only a finite loss can overflow in the scaled backward: a NaN/inf loss says nothing about the scale
+        found = ~finite if loss_finite is None else ~finite & loss_finite
+        self.overflow = found & (self.scale >= 1)
+        before = self.scale.clone(), self.growth_tracker.clone()
+        torch._amp_update_scale_(self.scale, self.growth_tracker, found.float(), 2.0, 0.5, self.growth_interval)
+        if loss_finite is not None:  # such a step neither counts towards growth nor resets it
+            self.scale.copy_(torch.where(loss_finite, self.scale, before[0]))
+            self.growth_tracker.copy_(torch.where(loss_finite, self.growth_tracker, before[1]))
 
     def state_dict(self) -> dict:
         return {"scale": self.scale.item(), "growth_tracker": int(self.growth_tracker.item())}
@@ -202,7 +209,8 @@ class LossScale:
             self.growth_tracker.fill_(state["growth_tracker"])
 
 
-def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int, loss_scale: LossScale = None):
+def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int, loss_scale: LossScale = None,
+                     loss_finite=None):
     """Clip, then step the optimiser and the EMA, unless the gradient is non-finite (a NaN or inf loss gives
     a non-finite norm): then the step is skipped, weights, optimiser state and EMA left as they were.
     With a loss_scale (fp16), the gradients are unscaled first and the scale updated after.
@@ -225,7 +233,7 @@ def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int, loss_s
         optimizer.step()
         update_ema(ema_model, model, ema_weight)
     if loss_scale is not None:
-        loss_scale.update(finite)
+        loss_scale.update(finite, loss_finite)
     return grad_norm, finite
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, native_bf16, parse_args, resolve_device, to_dict
+from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
                         set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, step_files, unlock_run,
@@ -95,11 +95,13 @@ def compile_for_training(model, cfg: Config, device):
 
 
 def precision_for(cfg: Config, device):
-    """The autocast dtype, or None for fp32. auto: bf16 on GPUs with native bf16, fp16 (with a loss scale,
-    optim.LossScale) on older GPUs, fp32 on CPU (bf16 matmuls are ~25x slower on our CPUs)."""
+    """The autocast dtype, or None for fp32. auto: bf16 on GPUs with native bf16 (compute capability 8+),
+    fp16 with a loss scale (optim.LossScale) on Volta/Turing (7.x: V100, T4, RTX 20xx), fp32 on older GPUs
+    (fp16 at a fraction of fp32 speed there) and on CPUs (bf16 matmuls are ~25x slower on ours)."""
     precision = cfg.mixed_precision
     if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else "bf16" if native_bf16(device) else "fp16"
+        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+        precision = "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
@@ -399,6 +401,7 @@ def run_training(cfg: Config) -> dict:
         # step: grad_accum micro-batches, then clip, check, update, EMA
         optimizer.zero_grad(set_to_none=True)
         use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
+        loss_ok = torch.ones((), device=device)
         for micro in range(cfg.grad_accum):
             batch = next(batches, None)
             if batch is None:  # epoch finished
@@ -415,9 +418,12 @@ def run_training(cfg: Config) -> dict:
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
+            loss_ok = loss_ok * finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
-        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale)
+        if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
+            dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
+        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale, loss_ok.bool())
         # fp16: a non-finite step while the loss scale is >= 1 (an overflow of loss x scale) only lowers the scale
         failed = ~finite & ~loss_scale.overflow
         streak = torch.where(failed, streak + 1, torch.where(finite, 0, streak))  # on the device: read when logging

@@ -48,6 +48,8 @@ def test_encode_decode_match_the_vae_with_the_flux_transform(vae_dir):
     out = space.decode(z)
     assert out.shape == (2, 3, 32, 48)
     assert torch.allclose(out, space.vae.decode(z / 0.3611 + 0.1159).sample, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.float16):  # as in train.py's fp16 sample grids: the VAE stays fp32
+        assert torch.equal(space.decode(z), out) and torch.equal(space.encode(x), z)
 
 
 def test_transforms_are_exact_inverses_with_and_without_stats(vae_dir):

@@ -119,6 +119,10 @@ def test_fp16_loss_scale_unscales_exactly_skips_overflows_and_adapts(optimizer):
     scale.scale.fill_(0.5)
     step(4, poison=float("nan"))  # below a scale of 1 the gradient itself is not finite: not an overflow
     assert scale.scale.item() == 0.25 and not scale.overflow
+    for param in models[1].parameters():  # a NaN loss (a damaged sample): skipped, but the scale stays
+        param.grad = torch.full_like(param, float("nan"))
+    optimizer_update(models[1], emas[1], opts[1], cfg, 5, scale, loss_finite=torch.tensor(False))
+    assert scale.scale.item() == 0.25 and not scale.overflow
     state = scale.state_dict()
     again = LossScale("cpu", enabled=True)
     again.load_state_dict(state)
@@ -128,12 +132,34 @@ def test_fp16_loss_scale_unscales_exactly_skips_overflows_and_adapts(optimizer):
     assert off.scale.item() == 1.0 and not off.overflow
 
 
-def test_precision_auto_is_bf16_on_ampere_fp16_on_older_gpus_fp32_on_cpu(monkeypatch):
+def test_fp16_nan_losses_are_non_finite_steps_and_leave_the_scale_alone(tiny_data, tmp_path, monkeypatch):
+    """A NaN loss says nothing about the loss scale: counted like in bf16/fp32, the scale not lowered (else a
+    damaged cache file, met once an epoch, would drive the scale to 0 and the gradients with it)."""
+    real, calls = T.flow_matching_loss, {"n": 0}
+
+    def every_third_nan(*args, **kwargs):
+        loss, per_sample, t = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] % 3 == 0 else loss), per_sample, t
+
+    monkeypatch.setattr(T, "flow_matching_loss", every_third_nan)
+    monkeypatch.setattr(T, "LossScale", functools.partial(T.LossScale, init=2.0 ** 8))  # no overflow at 256
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=12, mixed_precision="fp16", log_every=1,
+                                           val_fraction=0.0))
+    assert T.train(cfg)["status"] == "done"
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["loss_scale"]) for r in rows] == [256.0] * 12
+    assert [int(r["nonfinite"]) for r in rows] == [0, 0, 1] * 4
+
+
+def test_precision_auto_is_bf16_from_ampere_fp16_on_volta_turing_else_fp32(monkeypatch):
     cfg = get_config("tiny")
     assert T.precision_for(cfg, torch.device("cpu")) is None
-    for native, dtype in ((True, torch.bfloat16), (False, torch.float16)):
-        monkeypatch.setattr(T, "native_bf16", lambda device: native)
-        assert T.precision_for(cfg, torch.device("cuda")) == dtype
+    for capability, dtype in (((9, 0), torch.bfloat16), ((8, 6), torch.bfloat16), ((7, 5), torch.float16),
+                              ((7, 0), torch.float16), ((6, 1), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert T.precision_for(cfg, torch.device("cuda")) == dtype, capability
     for setting, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", None)):
         assert T.precision_for(get_config("tiny", mixed_precision=setting), torch.device("cuda")) == dtype
 
