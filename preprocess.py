@@ -405,11 +405,16 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         except EncodingStopped as e:  # a full disk or Ctrl-C: record what was encoded, then report
             new_entries, new_skipped, failure = e.entries, e.skipped, e.cause
         del latent_space, text_encoder
-    if multi:  # rank 0 collects everyone's entries
+    if multi:  # rank 0 collects everyone's entries; a rank that stopped (full disk, out of memory) stops all
         gathered = [None] * world
-        dist.all_gather_object(gathered, (new_entries, new_skipped))
-        new_entries = {k: v for e, _ in gathered for k, v in e.items()}
-        new_skipped = {k: v for _, s in gathered for k, v in s.items()}
+        why = None if failure is None else f"{type(failure).__name__}: {str(failure)[:200]}"
+        dist.all_gather_object(gathered, (new_entries, new_skipped, why))
+        new_entries = {k: v for e, _, _ in gathered for k, v in e.items()}
+        new_skipped = {k: v for _, s, _ in gathered for k, v in s.items()}
+        stopped = [(r, w) for r, (_, _, w) in enumerate(gathered) if w is not None and r != rank]
+        if failure is None and stopped:
+            failure = CacheError(f"rank {stopped[0][0]} stopped encoding ({stopped[0][1]})")
+            failure.elsewhere = True
 
     for source, s in list(new_skipped.items()):  # cached before, unreadable just now: keep what was cached
         if s["reason"] == "not accessible" and source in old_entries \
@@ -442,9 +447,10 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     if isinstance(failure, torch.OutOfMemoryError):
         raise CacheError(f"out of memory while encoding: the {n} images encoded before it are cached; re-run "
                          f"with a smaller preprocess_batch_size (now {cfg.preprocess_batch_size})")
+    if getattr(failure, "elsewhere", False):
+        raise CacheError(f"{failure}: the {n} images encoded before it are cached; a re-run encodes the rest")
     failure.add_note(f"(the {n} images encoded before it are cached; a re-run encodes the rest)")
     raise failure
-    return manifest
 
 
 def delete_unreferenced(cache_dir: str, entries: dict, ours: set):

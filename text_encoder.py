@@ -110,6 +110,16 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def check_tokenizer(tokenizer, name: str):
+    """A folder without tokenizer files (a pipeline's text_encoder_2/, its tokenizer in tokenizer_2/) loads
+    as an empty tokenizer: every word <unk> or no token at all, a cache without captions. Refuse it."""
+    red, blue = tokenizer(["a red square", "a blue circle"], add_special_tokens=False)["input_ids"]
+    if not red or red == blue or all(i == tokenizer.unk_token_id for i in red):
+        raise ConfigError(f"text_encoder={name!r}: its tokenizer cannot tell 'a red square' from 'a blue "
+                          f"circle' (token ids {red} and {blue}): are the tokenizer files missing from the "
+                          "folder? Copy them (e.g. a pipeline's tokenizer_2/) beside its config.json")
+
+
 def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     """The frozen encoder cfg names, on device, in eval mode; checks text_dim and max_token_length."""
     import transformers
@@ -152,9 +162,12 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     model_class = getattr(transformers, CLASS_FOR_TYPE[kind])
     try:
         with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+            check_tokenizer(tokenizer, cfg.text_encoder)  # before the weights: a bad folder fails in seconds
             model, info = model_class.from_pretrained(path, local_files_only=offline, dtype=dtype,
                                                       output_loading_info=True)
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except ConfigError:
+        raise
     except Exception as e:
         raise ConfigError(f"text_encoder={cfg.text_encoder!r}: cannot load the {kind} encoder: "
                           f"{_hub_error_line(e)}") from None
@@ -168,13 +181,6 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
                           f"the checkpoint (e.g. {sorted(missing)[0]}); they would be random")
     if kind == "encoder" and hasattr(model, "text_model") and hasattr(model, "vision_model"):
         model = model.text_model  # a dual-tower model (SigLIP, ALIGN-like): its text tower
-    # A folder without tokenizer files (a pipeline's text_encoder_2/, its tokenizer in tokenizer_2/) loads
-    # as an empty tokenizer: every word <unk> or no token at all, a cache without captions. Refuse it.
-    red, blue = tokenizer(["a red square", "a blue circle"], add_special_tokens=False)["input_ids"]
-    if not red or red == blue or all(i == tokenizer.unk_token_id for i in red):
-        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: its tokenizer cannot tell 'a red square' from "
-                          f"'a blue circle' (token ids {red} and {blue}): are the tokenizer files missing "
-                          "from the folder? Copy them (e.g. a pipeline's tokenizer_2/) beside its config.json")
     tokenizer.padding_side = "right"  # real tokens first, padding after (Gemma tokenizers pad left)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -205,10 +205,13 @@ RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "l
 def train(cfg: Config) -> dict:
     """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir', 'diverged'}. The run
     folder is locked meanwhile: a second train.py on it stops with a one-line error."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     lock = lock_run(cfg) if int(os.environ.get("RANK", 0)) == 0 else None
     try:
         return run_training(cfg)
-    finally:
+    finally:  # train() called from Python: its signals as they were, also after an error
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         unlock_run(lock)
 
 
@@ -216,7 +219,7 @@ def run_training(cfg: Config) -> dict:
     from dataset import make_loader
     from latents import LATENT_STATS, LatentSpace
     from model import DiTConfig, SingleStreamDiT
-    from preprocess import CACHE_SETTINGS, ensure_cache
+    from preprocess import CACHE_SETTINGS, ensure_cache, same_folder
     from sample import encode_prompts, generate, save_grid
     import generate_graph
 
@@ -280,13 +283,17 @@ def run_training(cfg: Config) -> dict:
                    if cfg.optimizer == "adamw8bit" else "its optimiser state does not fit")
             print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
         changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
-                   if k in trained and trained[k] != v and k not in RESUME_FREE]
+                   if k in trained and trained[k] != v and k not in RESUME_FREE
+                   and not (k in ("vae", "text_encoder") and os.path.isdir(v) and same_folder(trained[k], v))]
         if changed and master:  # allowed, but a resumed run is then not the run it continues
             inputs = [c for c in changed if c.split()[0] in CACHE_SETTINGS]  # other text embeddings or latents
             print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
                   + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
         step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
         saved_world = ckpt.get("world_size", world)
+        if "world_size" not in ckpt and world > 1 and master:
+            print("note: the checkpoint does not say how many processes wrote it (older code): if not "
+                  f"{world}, part of this epoch is repeated or skipped")
         if saved_world != world:  # batch_in_epoch counts one rank's batches: rescale it to the new ranks'
             batch_in_epoch = batch_in_epoch * saved_world // world
             if master:
@@ -353,16 +360,18 @@ def run_training(cfg: Config) -> dict:
         return row
 
     # --- Ctrl-C / SIGTERM: finish the step, save, exit cleanly ---
-    stop = {"signal": None}
+    stop = {"signal": None, "received": 0}  # received: by this process (a peer's stop also sets "signal")
 
     def on_signal(signum, frame):
-        if stop["signal"] is not None:  # second Ctrl-C: give up immediately
+        stop["received"] += 1
+        if stop["received"] > 1:  # second Ctrl-C: give up immediately
             if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards the job's signal: the same request;
                 return  # its --shutdown_timeout (then SIGKILL) is the hard stop
             raise KeyboardInterrupt
         stop["signal"] = signum
 
-    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
 
     def checkpoint_state(rng_ranks=None):
         return {"world_size": world, "rng_ranks": rng_ranks, "model": model.state_dict(), "ema": ema_model.state_dict(),
@@ -503,25 +512,21 @@ def run_training(cfg: Config) -> dict:
             break
     bar.close()
     # --- export the EMA model, draw the graphs (a signal meanwhile, e.g. torchrun passing on the job's
-    # SIGTERM, is one more request to stop: the export goes on) ---
-    try:
-        if master:
-            ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
-            if unsaved:  # the model is exported, but the run cannot resume from this step
-                raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from "
-                              "the last checkpoint written")
-            try:
-                generate_graph.make_graphs(cfg.run_dir)
-            except Exception as e:  # graphs are a convenience; never lose a run over them
-                print(f"warning: graphs not drawn: {e}")
-            minutes = (time.time() - t_start) / 60
-            print(f"{status}: {step} steps in {minutes:.1f} min -> {cfg.run_dir}")
-        if world > 1:
-            dist.barrier()
-            dist.destroy_process_group()
-    finally:
-        for sig, handler in previous_handlers.items():  # train() called from Python: leave signals as they were
-            signal.signal(sig, handler)
+    # SIGTERM, is one more request to stop: the export goes on; train() restores the handlers) ---
+    if master:
+        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
+        if unsaved:  # the model is exported, but the run cannot resume from this step
+            raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
+                          "last checkpoint written")
+        try:
+            generate_graph.make_graphs(cfg.run_dir)
+        except Exception as e:  # graphs are a convenience; never lose a run over them
+            print(f"warning: graphs not drawn: {e}")
+        minutes = (time.time() - t_start) / 60
+        print(f"{status}: {step} steps in {minutes:.1f} min -> {cfg.run_dir}")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return {"status": status, "step": step, "run_dir": cfg.run_dir, "diverged": diverged}
 
 

@@ -733,6 +733,26 @@ def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["text"], b["text"])
 
 
+def test_a_rank_that_stops_encoding_stops_the_others(tmp_path, t5_dir, monkeypatch):
+    """Under torchrun every rank encodes a share; if one stops (a full disk, out of memory), the others
+    must stop too, with what was encoded in the manifest (not go on to wait for it in the next collective)."""
+    import torch.distributed as dist
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48)])
+
+    def gather(out, mine):  # rank 1 encoded nothing and ran out of disk
+        out[:] = [mine, ({}, {}, "WriteError: cache/x.pt: no space left on device")]
+
+    for name, value in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                        ("get_world_size", lambda: 2), ("get_rank", lambda: 0), ("barrier", lambda: None),
+                        ("all_gather_object", gather)):
+        monkeypatch.setattr(dist, name, value)
+    with pytest.raises(P.CacheError, match=r"rank 1 stopped encoding \(WriteError: .*no space left.*\): the 2 "
+                                           "images encoded before it are cached"):
+        P.ensure_cache(cfg, distributed=True)
+    assert len(P.load_manifest(cfg.cache_dir)["entries"]) == 2  # rank 0's half (every other image)
+
+
 def test_sigterm_keeps_what_was_encoded(tmp_path):
     """`kill` (a cluster's time limit) stops preprocess.py like Ctrl-C: exit 130, the manifest names what
     was encoded until then."""

@@ -126,10 +126,14 @@ def test_text_layer_picks_an_earlier_hidden_state(tmp_path):
                                         max_token_length=12)).encode(["a red circle"])[0].shape == (1, 12, 32)
 
 
-def test_a_folder_without_its_tokenizer_is_refused(tmp_path):
+def test_a_folder_without_its_tokenizer_is_refused(tmp_path, monkeypatch):
     """A pipeline's text_encoder_2/ (config + weights, the tokenizer in tokenizer_2/) loads as an empty
     tokenizer in transformers 5: every caption the same, or no token at all. One line, not a useless cache."""
     import shutil
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights loaded before the tokenizer was checked")
     for name, save, kw in (("t5", save_tiny_t5, {}), ("qwen3", save_tiny_qwen3, {"text_layer": -2})):
         save(str(tmp_path / name))
         bare = tmp_path / f"{name}_bare"
@@ -137,8 +141,11 @@ def test_a_folder_without_its_tokenizer_is_refused(tmp_path):
         for f in ("config.json", "model.safetensors"):
             shutil.copy(tmp_path / name / f, bare / f)
         settings = dict(text_dim=32, max_token_length=12, **{"text_layer": -1, **kw})
-        with pytest.raises(ConfigError, match="tokenizer cannot tell 'a red square' from 'a blue circle'") as e:
-            load_text_encoder(get_config("tiny", text_encoder=str(bare), **settings))
+        with monkeypatch.context() as m:  # refused before any weights are read (a T5-XXL takes minutes)
+            m.setattr(transformers.AutoModel, "from_pretrained", fail)
+            m.setattr(transformers.T5EncoderModel, "from_pretrained", fail)
+            with pytest.raises(ConfigError, match="tokenizer cannot tell 'a red square' from 'a blue circle'") as e:
+                load_text_encoder(get_config("tiny", text_encoder=str(bare), **settings))
         assert "\n" not in str(e.value)
         load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / name), **settings))  # with it: fine
 

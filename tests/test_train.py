@@ -332,6 +332,45 @@ def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path, optimi
     assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
 
 
+def test_torchrun_ranks_share_the_encoding_and_the_logged_loss(tiny_data, tmp_path):
+    """Each rank encodes a share of a fresh cache, and log.csv's loss is the mean over both ranks' samples:
+    a sitecustomize in the workers records what each rank encodes and adds 1000 x rank to its loss."""
+    from conftest import on_a_free_port
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(f"""
+import os
+if os.environ.get("RANK") is not None and os.environ.get("TORCHELASTIC_RUN_ID"):
+    import objective, preprocess
+    rank, real_loss, real_encode = int(os.environ["RANK"]), objective.flow_matching_loss, preprocess.encode_files
+    def loss(*a, **k):
+        value, per_sample, t = real_loss(*a, **k)
+        return value + 1000 * rank, per_sample, t
+    def encode(cfg, todo, *a, **k):
+        with open(os.path.join({str(tmp_path)!r}, f"encoded{{rank}}.txt"), "a") as f:
+            f.write(f"{{len(todo)}}\\n")
+        return real_encode(cfg, todo, *a, **k)
+    objective.flow_matching_loss, preprocess.encode_files = loss, encode
+""")
+    args = tiny_args(tiny_data, tmp_path, max_steps=2, log_every=1, run_name="shared", cache_dir=str(tmp_path / "cache"))
+
+    def run(port):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(hooks), ROOT]))
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        return out
+
+    on_a_free_port(run)
+    shares = [int((tmp_path / f"encoded{r}.txt").read_text().split()[0]) for r in range(2)]
+    assert shares == [24, 24]  # the 48 images, half each
+    with open(os.path.join(tmp_path, "shared", "log.csv")) as f:
+        losses = [float(r["loss"]) for r in csv.DictReader(f)]
+    assert all(500 < x < 510 for x in losses), losses  # (rank 0's ~2 + rank 1's ~1002) / 2
+
+
 def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
     """Under torchrun: the cache is built by both ranks (a fresh cache_dir), each rank's noise/t stream is in
     the checkpoint, so 2 + resume + 2 steps equal 4 uninterrupted steps (with rank 0's stream on both ranks
