@@ -33,92 +33,7 @@ from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_st
                         write_atomic, write_json)
 from objective import flow_matching_loss, noise_like
 from optim import LossScale, lr_at, make_optimizer, optimizer_update, state_fits
-
-# ---------------------------------------------------------------------------------------------
-# Setup helpers
-
-
-def setup_distributed():
-    """(rank, world_size, device) from torchrun's environment, or a single process."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    device = torch.device(f"cuda:{local}") if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return rank, world, device
-
-
-class StaticImageSize(torch.nn.Module):
-    """A compiled model whose input height and width are marked static, so each bucket compiles its own
-    graph (text length may still turn dynamic; the batch size is fixed: compiled runs drop short batches).
-    With symbolic H and W, inductor (torch 2.11-2.13) fails to lower the unpatchify ("cannot determine
-    truth value of Relational") as soon as a second bucket shape arrives."""
-
-    def __init__(self, compiled):
-        super().__init__()
-        self.compiled = compiled
-
-    def forward(self, x, *args, **kwargs):
-        torch._dynamo.mark_static(x, 2)
-        torch._dynamo.mark_static(x, 3)
-        return self.compiled(x, *args, **kwargs)
-
-
-def use_compile(cfg: Config, device) -> bool:
-    """cfg.compile resolved: auto compiles on GPU only. On 2 CPU cores compiling the shapes preset makes a
-    step ~1.2x faster but costs ~3 min of compiling (one graph per bucket): a loss in a 13.5-minute run."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-
-
-def compile_for_training(model, cfg: Config, device):
-    """The callable to train with: the model, torch.compile'd when use_compile(cfg, device).
-
-    With grad_checkpointing each block is compiled on its own (regional compilation) and checkpointed
-    around: compiling the whole model lets inductor's partitioner choose what to save, and on an H100 it
-    kept most activations (flowers, batch 16: 8.9 GiB peak, vs 3.8 GiB for eager checkpointing).
-    """
-    if not use_compile(cfg, device):
-        return model
-    # One graph per bucket: a few compiles, then every bucket runs its own static-shape graph.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-    if not cfg.grad_checkpointing:
-        return StaticImageSize(torch.compile(model, mode=cfg.compile_mode))
-    for blocks in (model.noise_refiner, model.context_refiner, model.joint_blocks, model.final_stack):
-        for block in blocks:
-            block.compile(mode=cfg.compile_mode)
-    return model
-
-
-def precision_for(cfg: Config, device):
-    """The autocast dtype, or None for fp32. auto: bf16 on GPUs with native bf16 (compute capability 8+),
-    fp16 with a loss scale (optim.LossScale) on Volta/Turing (7.x: V100, T4, RTX 20xx), fp32 on older GPUs
-    (fp16 at a fraction of fp32 speed there) and on CPUs (bf16 matmuls are ~25x slower on ours)."""
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-        precision = "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def autocast_for(cfg: Config, device):
-    dtype = precision_for(cfg, device)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def to_device(batch: dict, device, trim_text=False) -> dict:
-    """Move a batch; with trim_text, cut the text to the longest caption (padding is never attended)."""
-    if trim_text:
-        text, mask = S.trim_padding(batch["text"], batch["mask"])
-        batch = dict(batch, text=text, mask=mask)
-    # computed on the host before the copy, so the model needs no host-device sync to pick its kernel
-    batch = dict(batch, text_padded=bool((~batch["mask"]).any() or batch["drop"].any()))
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
+from runtime import autocast_for, compile_for_training, precision_for, setup_distributed, to_device, use_compile
 
 class CSVLog:
     """Appends rows to a CSV file, writing the header once. A resumed run (resumed_at = its step) first
@@ -202,6 +117,66 @@ RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "l
                "checkpoint_every", "keep_checkpoints"}  # settings a resume changes without a note
 
 
+def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss_scale, gen, rank, world):
+    """Load a checkpoint into the run's model, EMA, optimiser (when its state fits this optimiser), loss scale
+    and this rank's noise generator, and say what differs from the run it continues.
+    Returns (step, epoch, batch_in_epoch)."""
+    from model import DiTConfig
+    from preprocess import CACHE_SETTINGS, same_folder
+    master, trained = rank == 0, ckpt.get("config") or {}
+    same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer \
+        and state_fits(optimizer, ckpt.get("optimizer"))  # the optimiser, and flat_8bit's layout
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        if same_optimizer:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
+                                            if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
+        differ = [f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in model_keys
+                  if k in trained and trained[k] != getattr(cfg, k)]
+        why = "; ".join(differ) or str(e).splitlines()[0][:120]
+        raise ConfigError(f"{resume_path}: does not match this config ({why})") from None
+    if not same_optimizer and master:
+        was = trained.get("optimizer", cfg.optimizer)
+        layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
+        why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # flat_8bit=on/off changed it
+               "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts)
+               if cfg.optimizer == "adamw8bit" else "its optimiser state does not fit")
+        print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
+    changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
+               if k in trained and trained[k] != v and k not in RESUME_FREE
+               and not (k in ("vae", "text_encoder") and os.path.isdir(v) and same_folder(trained[k], v))]
+    if changed and master:  # allowed, but a resumed run is then not the run it continues
+        inputs = [c for c in changed if c.split()[0] in CACHE_SETTINGS]  # other text embeddings or latents
+        print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
+              + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
+    step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    saved_world = ckpt.get("world_size", world)
+    if "world_size" not in ckpt and world > 1 and master:
+        print("note: the checkpoint does not say how many processes wrote it (older code): if not "
+              f"{world}, part of this epoch is repeated or skipped")
+    if saved_world != world:  # batch_in_epoch counts one rank's batches: rescale it to the new ranks'
+        batch_in_epoch = batch_in_epoch * saved_world // world
+        if master:
+            print(f"note: resuming a {saved_world}-process run with {world}: the epoch goes on at batch "
+                  f"{batch_in_epoch * world} of its shared batch list")
+    rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # each rank's noise/t stream (rank 0's: older runs)
+    if saved_world == world and rank < len(rng_ranks):
+        set_rng_state(rng_ranks[rank], gen)
+    else:  # no saved stream for this rank: one of its own, never a copy of rank 0's
+        set_rng_state(ckpt["rng"], gen)
+        gen.manual_seed(((cfg.seed * 1000 + rank) * 1_000_003 + step) % 2 ** 63)
+    if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
+        loss_scale.load_state_dict(ckpt["loss_scale"])
+    if master:
+        print(f"resumed from {resume_path} at step {step}")
+        for later in set_aside_later_checkpoints(cfg, step):
+            print(f"warning: {later}: a later step than the one resumed, renamed {later}.abandoned")
+    return step, epoch, batch_in_epoch
+
+
 def train(cfg: Config) -> dict:
     """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir', 'diverged'}. The run
     folder is locked meanwhile: a second train.py on it stops with a one-line error."""
@@ -219,7 +194,7 @@ def run_training(cfg: Config) -> dict:
     from dataset import make_loader
     from latents import LATENT_STATS, LatentSpace
     from model import DiTConfig, SingleStreamDiT
-    from preprocess import CACHE_SETTINGS, ensure_cache, same_folder
+    from preprocess import ensure_cache
     from sample import encode_prompts, generate, save_grid
     import generate_graph
 
@@ -262,55 +237,8 @@ def run_training(cfg: Config) -> dict:
     step, epoch, batch_in_epoch = 0, 0, 0
 
     if resume_path:
-        same_optimizer = same_optimizer and state_fits(optimizer, ckpt.get("optimizer"))  # flat_8bit on/off
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema_model.load_state_dict(ckpt["ema"])
-            if same_optimizer:
-                optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
-                                                if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
-            differ = [f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in model_keys
-                      if k in trained and trained[k] != getattr(cfg, k)]
-            why = "; ".join(differ) or str(e).splitlines()[0][:120]
-            raise ConfigError(f"{resume_path}: does not match this config ({why})") from None
-        if not same_optimizer and master:
-            was = trained.get("optimizer", cfg.optimizer)
-            layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
-            why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # flat_8bit=on/off changed it
-                   "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts)
-                   if cfg.optimizer == "adamw8bit" else "its optimiser state does not fit")
-            print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
-        changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
-                   if k in trained and trained[k] != v and k not in RESUME_FREE
-                   and not (k in ("vae", "text_encoder") and os.path.isdir(v) and same_folder(trained[k], v))]
-        if changed and master:  # allowed, but a resumed run is then not the run it continues
-            inputs = [c for c in changed if c.split()[0] in CACHE_SETTINGS]  # other text embeddings or latents
-            print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
-                  + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
-        step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
-        saved_world = ckpt.get("world_size", world)
-        if "world_size" not in ckpt and world > 1 and master:
-            print("note: the checkpoint does not say how many processes wrote it (older code): if not "
-                  f"{world}, part of this epoch is repeated or skipped")
-        if saved_world != world:  # batch_in_epoch counts one rank's batches: rescale it to the new ranks'
-            batch_in_epoch = batch_in_epoch * saved_world // world
-            if master:
-                print(f"note: resuming a {saved_world}-process run with {world}: the epoch goes on at batch "
-                      f"{batch_in_epoch * world} of its shared batch list")
-        rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # each rank's noise/t stream (rank 0's: older runs)
-        if saved_world == world and rank < len(rng_ranks):
-            set_rng_state(rng_ranks[rank], gen)
-        else:  # no saved stream for this rank: one of its own, never a copy of rank 0's
-            set_rng_state(ckpt["rng"], gen)
-            gen.manual_seed(((cfg.seed * 1000 + rank) * 1_000_003 + step) % 2 ** 63)
-        if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
-            loss_scale.load_state_dict(ckpt["loss_scale"])
-        if master:
-            print(f"resumed from {resume_path} at step {step}")
-            for later in set_aside_later_checkpoints(cfg, step):
-                print(f"warning: {later}: a later step than the one resumed, renamed {later}.abandoned")
+        step, epoch, batch_in_epoch = resume_run(cfg, resume_path, ckpt, model, ema_model, optimizer, loss_scale,
+                                                 gen, rank, world)
     elif cfg.resume == "auto" and master:
         print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
 
