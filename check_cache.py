@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from config import ConfigError, main_guard, parse_args
 from images import Skip, load_image, resize_and_crop
-from preprocess import CacheError, check_manifest, load_manifest
+from cache import CacheError, check_manifest, load_manifest
 
 
 def summarise_cache(cfg, manifest) -> dict:

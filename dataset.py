@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from config import Config
-from preprocess import CacheError, check_manifest, load_manifest
+from cache import CacheError, check_manifest, load_manifest
 
 IN_MEMORY_MAX_BYTES = 2 * 1024 ** 3  # in_memory=None: load the whole cache into RAM below this estimate
 

@@ -122,7 +122,7 @@ def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss
     and this rank's noise generator, and say what differs from the run it continues.
     Returns (step, epoch, batch_in_epoch)."""
     from model import DiTConfig
-    from preprocess import CACHE_SETTINGS, same_folder
+    from cache import CACHE_SETTINGS, same_folder
     master, trained = rank == 0, ckpt.get("config") or {}
     same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer \
         and state_fits(optimizer, ckpt.get("optimizer"))  # the optimiser, and flat_8bit's layout

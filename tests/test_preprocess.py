@@ -15,7 +15,7 @@ from PIL import Image
 
 import images
 import preprocess as P
-from config import get_config
+from config import ConfigError, get_config
 from tiny_models import make_image, make_image_folder, save_tiny_t5, save_tiny_t5gemma2, save_tiny_vae
 
 
@@ -683,7 +683,7 @@ def test_flux_vae_and_t5gemma2_end_to_end_through_the_cli(tmp_path, monkeypatch,
     assert out.out.count("PSNR") == 2  # the two intact files, each once
     for bad in (["--decode", "-3"], ["--decode"]):
         monkeypatch.setattr(sys, "argv", ["check_cache.py"] + args + bad)
-        with pytest.raises(P.ConfigError, match="--decode needs a number of entries"):
+        with pytest.raises(ConfigError, match="--decode needs a number of entries"):
             check_cache.main()
 
 
