@@ -171,7 +171,7 @@ class SingleStreamDiT(nn.Module):
 
         if text_padded is None:
             text_padded = True if torch.compiler.is_compiling() else bool((~text_mask).any())
-        # a given flag is trusted: the caller counts dropped captions as padded (train.to_device does)
+        # a given flag is trusted: the caller counts dropped captions as padded (runtime.to_device does)
         text_attn_mask = joint_attn_mask = None  # None: no padding, SDPA may use its unmasked kernels
         if text_padded:
             text_attn_mask = text_mask[:, None, None, :]                                 # (B, 1, 1, L)

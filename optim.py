@@ -164,8 +164,8 @@ def flatten_groups(groups: list, min_8bit_size: int, align: int = 256, max_numel
 class LossScale:
     """Dynamic loss scaling for fp16 training (the scheme of torch.amp.GradScaler): the loss is multiplied by
     `scale` before backward, so that small gradients do not underflow to 0 in fp16, and the gradients are
-    divided by it before clipping. A non-finite gradient halves the scale (and the step is skipped, like any
-    non-finite step); `growth_interval` finite steps in a row double it. The scale lives on the device and
+    divided by it before clipping. A non-finite gradient from a finite loss halves the scale (and the step
+    is skipped, like any non-finite step); `growth_interval` finite steps in a row double it. The scale lives on the device and
     is updated there: no host-device sync. Disabled (bf16, fp32) it does nothing.
     """
 
@@ -192,6 +192,8 @@ class LossScale:
         if not self.enabled:
             return
         # only a finite loss can overflow in the scaled backward: a NaN/inf loss says nothing about the scale
+        if loss_finite is not None:
+            loss_finite = torch.as_tensor(loss_finite, device=self.scale.device)  # (a Python bool too)
         found = ~finite if loss_finite is None else ~finite & loss_finite
         self.overflow = found & (self.scale >= 1)
         before = self.scale.clone(), self.growth_tracker.clone()

@@ -300,7 +300,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         del latent_space, text_encoder
     if multi:  # rank 0 collects everyone's entries; a rank that stopped (full disk, out of memory) stops all
         gathered = [None] * world
-        why = None if failure is None else f"{type(failure).__name__}: {str(failure)[:200]}"
+        why = None if failure is None else type(failure).__name__ + (f": {str(failure)[:200]}" if str(failure) else "")
         dist.all_gather_object(gathered, (new_entries, new_skipped, why))
         new_entries = {k: v for e, _, _ in gathered for k, v in e.items()}
         new_skipped = {k: v for _, s, _ in gathered for k, v in s.items()}

@@ -194,7 +194,7 @@ def run_training(cfg: Config) -> dict:
     from dataset import make_loader
     from latents import LATENT_STATS, LatentSpace
     from model import DiTConfig, SingleStreamDiT
-    from preprocess import ensure_cache
+    from preprocess import ensure_cache, raise_interrupt
     from sample import encode_prompts, generate, save_grid
     import generate_graph
 
@@ -211,6 +211,7 @@ def run_training(cfg: Config) -> dict:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
 
     # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
+    signal.signal(signal.SIGTERM, raise_interrupt)  # like Ctrl-C: the images encoded so far stay cached
     manifest = ensure_cache(cfg, distributed=world > 1)  # each rank encodes its share: none waits on rank 0
     # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
     compiled = use_compile(cfg, device)
@@ -288,15 +289,16 @@ def run_training(cfg: Config) -> dict:
         return row
 
     # --- Ctrl-C / SIGTERM: finish the step, save, exit cleanly ---
-    stop = {"signal": None, "received": 0}  # received: by this process (a peer's stop also sets "signal")
+    # "received": the signal this process got; "signal": the one the ranks agree on at the end of the step
+    stop = {"received": None, "count": 0, "signal": None}
 
     def on_signal(signum, frame):
-        stop["received"] += 1
-        if stop["received"] > 1:  # second Ctrl-C: give up immediately
+        stop["count"] += 1
+        if stop["count"] > 1:  # second Ctrl-C: give up immediately
             if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun forwards the job's signal: the same request;
                 return  # its --shutdown_timeout (then SIGKILL) is the hard stop
             raise KeyboardInterrupt
-        stop["signal"] = signum
+        stop["received"] = signum
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
@@ -415,9 +417,11 @@ def run_training(cfg: Config) -> dict:
         if cfg.max_minutes > 0:
             time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
         if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
-            flags = torch.tensor([stop["signal"] or 0, time_frac], dtype=torch.float64)
+            flags = torch.tensor([stop["received"] or 0, time_frac], dtype=torch.float64)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU: no wait for the GPU
             stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
+        else:
+            stop["signal"] = stop["received"]
         out_of_time = time_frac >= 1.0
         if stop["signal"] is not None:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"

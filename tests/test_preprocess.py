@@ -753,14 +753,15 @@ def test_a_rank_that_stops_encoding_stops_the_others(tmp_path, t5_dir, monkeypat
     assert len(P.load_manifest(cfg.cache_dir)["entries"]) == 2  # rank 0's half (every other image)
 
 
-def test_sigterm_keeps_what_was_encoded(tmp_path):
-    """`kill` (a cluster's time limit) stops preprocess.py like Ctrl-C: exit 130, the manifest names what
-    was encoded until then."""
+@pytest.mark.parametrize("script", ["preprocess.py", "train.py"])
+def test_sigterm_keeps_what_was_encoded(tmp_path, script):
+    """`kill` (a cluster's time limit) stops preprocess.py, or train.py refreshing its cache, like Ctrl-C:
+    exit 130, the manifest names what was encoded until then."""
     import signal
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["tiny", f"data_dir={tmp_path / 'shapes'}", f"cache_dir={tmp_path / 'cache'}", "num_shapes=4000"]
-    p = subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, script, *args, f"out_dir={tmp_path}"], cwd=root, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = b""
     while b"encode:" not in seen or not re.search(rb"encode: +\d+%\|[^|]*\| [1-9]\d\d+/", seen):

@@ -332,10 +332,24 @@ def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path, optimi
     assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
 
 
+def torchrun_with_hooks(hooks, args):
+    """train.py tiny under torchrun (2 processes) with `hooks` (a folder with a sitecustomize.py) on the path."""
+    from conftest import on_a_free_port
+
+    def run(port):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(hooks), ROOT]))
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        return out
+    return on_a_free_port(run)
+
+
 def test_torchrun_ranks_share_the_encoding_and_the_logged_loss(tiny_data, tmp_path):
     """Each rank encodes a share of a fresh cache, and log.csv's loss is the mean over both ranks' samples:
     a sitecustomize in the workers records what each rank encodes and adds 1000 x rank to its loss."""
-    from conftest import on_a_free_port
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(f"""
@@ -352,23 +366,62 @@ if os.environ.get("RANK") is not None and os.environ.get("TORCHELASTIC_RUN_ID"):
         return real_encode(cfg, todo, *a, **k)
     objective.flow_matching_loss, preprocess.encode_files = loss, encode
 """)
-    args = tiny_args(tiny_data, tmp_path, max_steps=2, log_every=1, run_name="shared", cache_dir=str(tmp_path / "cache"))
-
-    def run(port):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(hooks), ROOT]))
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                 f"--master_port={port}", "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()],
-                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        out, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out
-        return out
-
-    on_a_free_port(run)
+    torchrun_with_hooks(hooks, tiny_args(tiny_data, tmp_path, max_steps=2, log_every=1, run_name="shared",
+                                         cache_dir=str(tmp_path / "cache")))
     shares = [int((tmp_path / f"encoded{r}.txt").read_text().split()[0]) for r in range(2)]
     assert shares == [24, 24]  # the 48 images, half each
     with open(os.path.join(tmp_path, "shared", "log.csv")) as f:
         losses = [float(r["loss"]) for r in csv.DictReader(f)]
     assert all(500 < x < 510 for x in losses), losses  # (rank 0's ~2 + rank 1's ~1002) / 2
+
+
+def test_torchrun_fp16_a_nan_loss_on_one_rank_is_a_non_finite_step_on_both(tiny_data, tmp_path):
+    """fp16 under DDP: rank 1's loss is NaN every third step. Both ranks must see a non-finite step (not an
+    overflow: the scale stays), or their scales and skip counts would drift apart and max_nonfinite hang them."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("""
+import os
+if os.environ.get("TORCHELASTIC_RUN_ID"):
+    import objective, optim
+    optim.LossScale.__init__.__defaults__ = (2.0 ** 8, 2000)  # a scale that never overflows here
+    real, calls = objective.flow_matching_loss, {"n": 0}
+    def loss(*a, **k):
+        value, per_sample, t = real(*a, **k)
+        calls["n"] += 1
+        nan = os.environ["RANK"] == "1" and calls["n"] % 3 == 0
+        return (value * float("nan") if nan else value), per_sample, t
+    objective.flow_matching_loss = loss
+""")
+    torchrun_with_hooks(hooks, tiny_args(tiny_data, tmp_path, max_steps=12, log_every=1, run_name="nan",
+                                         mixed_precision="fp16", max_nonfinite=3, val_fraction=0.0))
+    with open(os.path.join(tmp_path, "nan", "log.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["loss_scale"]) for r in rows] == [256.0] * 12
+    assert [int(r["nonfinite"]) for r in rows] == [0, 0, 1] * 4
+
+
+def test_torchrun_a_signal_during_the_stop_all_reduce_is_not_lost(tiny_data, tmp_path):
+    """A SIGTERM that reaches one worker while it waits in the end-of-step all-reduce (of the stop flag built
+    before it) must stop the run at the next step's end, not be overwritten by the ranks' 'no stop'."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("""
+import os, signal
+if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["RANK"] == "1":
+    import torch, torch.distributed as dist
+    real, calls = dist.all_reduce, {"n": 0}
+    def all_reduce(tensor, *a, **k):
+        if tensor.dtype == torch.float64:  # train.py's stop/time flags, once a step
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(tensor, *a, **k)
+    dist.all_reduce = all_reduce
+""")
+    out = torchrun_with_hooks(hooks, tiny_args(tiny_data, tmp_path, max_steps=40, log_every=1, run_name="late",
+                                               checkpoint_every=1000))
+    assert "stopped by signal 15 at step 4 (checkpoint saved)" in out, out[-2000:]
 
 
 def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
