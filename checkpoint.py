@@ -90,10 +90,10 @@ def save_checkpoint(cfg: Config, state: dict) -> str:
 CHECKPOINT_KEYS = ("model", "ema", "optimizer", "step", "epoch", "batch_in_epoch", "rng")
 
 
-def load_resume_checkpoint(cfg: Config):
+def load_resume_checkpoint(cfg: Config, say=print):
     """(path, checkpoint dict) to resume from, or (None, None). resume=auto takes the newest readable
     checkpoint of the run (an unreadable one, or a file that is not one of our checkpoints, is reported
-    and the previous one used)."""
+    with say() and the previous one used)."""
     if not cfg.resume:
         return None, None
     if cfg.resume == "auto":
@@ -113,7 +113,7 @@ def load_resume_checkpoint(cfg: Config):
             message = f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
             if cfg.resume != "auto":
                 raise ConfigError(message) from None
-            print(f"warning: {message}; trying an older one")
+            say(f"warning: {message}; trying an older one")
     return None, None
 
 

@@ -204,7 +204,8 @@ def run_training(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    resume_path, ckpt = load_resume_checkpoint(cfg)  # first: a bad resume= fails before any work
+    # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
+    resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
     if master and resume_path is None:
         moved = set_aside_earlier_run(cfg.run_dir)
         if moved:
