@@ -297,8 +297,8 @@ def split_args(argv):
 def main():
     cfg, opts, only, compare_overrides = split_args(sys.argv[1:])
     device = resolve_device(cfg.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    from runtime import allow_tf32
+    allow_tf32()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
     result = {"preset": cfg.run_name, "device": name, "batch_size": cfg.batch_size,
               "resolution": cfg.target_resolution, "tokens_text": cfg.max_token_length}

@@ -220,6 +220,8 @@ def main():
     import train as T
     from dataset import make_loader
     device = resolve_device(args.device)
+    from runtime import allow_tf32
+    allow_tf32()
     cfg, model = load_run(args.run_dir, device)
     cfg = with_sample_shift(cfg, args.shift)
     out_dir = os.path.join(args.run_dir, "eval")

@@ -82,6 +82,13 @@ def autocast_for(cfg: Config, device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def allow_tf32():
+    """Let fp32 matmuls and convolutions on Ampere+ GPUs use TF32 tensor cores (10-bit mantissa products,
+    fp32 sums; nanoGPT does the same): the parts of a step that stay fp32 under autocast, and fp32 runs."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def to_device(batch: dict, device, trim_text=False) -> dict:
     """Move a batch; with trim_text, cut the text to the longest caption (padding is never attended)."""
     if trim_text:

@@ -33,7 +33,8 @@ from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_st
                         write_atomic, write_json)
 from objective import flow_matching_loss, noise_like
 from optim import LossScale, lr_at, make_optimizer, optimizer_update, state_fits
-from runtime import autocast_for, compile_for_training, precision_for, setup_distributed, to_device, use_compile
+from runtime import (allow_tf32, autocast_for, compile_for_training, precision_for, setup_distributed, to_device,
+                     use_compile)
 
 class CSVLog:
     """Appends rows to a CSV file, writing the header once. A resumed run (resumed_at = its step) first
@@ -201,6 +202,7 @@ def run_training(cfg: Config) -> dict:
     rank, world, device = setup_distributed()
     device = device or resolve_device(cfg.device)
     master = rank == 0
+    allow_tf32()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 

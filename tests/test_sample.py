@@ -140,6 +140,26 @@ def test_a_prompt_longer_than_the_trained_captions_is_warned_about(tiny_run, cap
     assert text.shape[:2] == mask.shape == (2, cfg.max_token_length) and mask[1].all() and not mask[0].all()
 
 
+def test_generate_runs_the_model_in_bf16_where_the_run_resolves_to_it(tiny_run):
+    """On an Ampere+ GPU (precision auto -> bf16) sampling runs the model in bf16, not in slow fp32; here on
+    the CPU with mixed_precision=bf16 set. fp32 (the CPU default) stays fp32; the images stay close."""
+    from dataclasses import replace
+    from sample import encode_prompts, generate, latent_space_for, load_run
+    cfg, model = load_run(tiny_run)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(torch.get_autocast_dtype("cpu")
+                                                                if torch.is_autocast_enabled("cpu") else None))
+    emb = encode_prompts(cfg, [PROMPT], "cpu")
+    space = latent_space_for(cfg)
+    full = generate(model, space, emb, cfg, steps=2)
+    assert set(seen) == {None}
+    seen.clear()
+    half = generate(model, space, emb, replace(cfg, mixed_precision="bf16"), steps=2)
+    assert set(seen) == {torch.bfloat16}
+    diff = np.abs(np.asarray(full[0], dtype=float) - np.asarray(half[0], dtype=float)).mean()
+    assert diff < 8, diff  # grey levels
+
+
 def test_latent_space_for_uses_the_cache_stats_like_training(tmp_path, capsys):
     """sample.py, evaluate.py and the notebook decode with the cache's latent mean/std when latent_norm is
     on (as train.py does), and say so when they cannot; run_step names the step a run was trained to."""
