@@ -165,8 +165,8 @@ class LossScale:
     """Dynamic loss scaling for fp16 training (the scheme of torch.amp.GradScaler): the loss is multiplied by
     `scale` before backward, so that small gradients do not underflow to 0 in fp16, and the gradients are
     divided by it before clipping. A non-finite gradient from a finite loss halves the scale (and the step
-    is skipped, like any non-finite step); `growth_interval` finite steps in a row double it. The scale lives on the device and
-    is updated there: no host-device sync. Disabled (bf16, fp32) it does nothing.
+    is skipped, like any non-finite step); `growth_interval` finite steps in a row double it. The scale
+    lives on the device and is updated there: no host-device sync. Disabled (bf16, fp32) it does nothing.
     """
 
     def __init__(self, device, enabled: bool, init: float = 2.0 ** 16, growth_interval: int = 2000):

@@ -171,7 +171,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             size = write_atomic(os.path.join(cfg.cache_dir, name), lambda tmp: torch.save(item, tmp))
             z64 = z.double().flatten(1)                                      # (C, h*w)
             entries[source] = {"file": name, "bytes": size, "fingerprint": fp, "bucket": list(bucket),
-                               "latent_shape": list(z.shape), "tokens": int(mask[i].sum()), "area_kept": round(kept, 4), "sum": z64.sum(1).tolist(),
+                               "latent_shape": list(z.shape), "tokens": int(mask[i].sum()),
+                               "area_kept": round(kept, 4), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)

@@ -194,7 +194,8 @@ def load_run(run_dir, device="cpu"):
     except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
         raise ConfigError(f"{cfg_path}: not a readable run config ({str(e).splitlines()[0]})") from None
     # cfg.run_dir is where the run is now (it may have been moved or copied since it was trained)
-    cfg = replace(cfg, out_dir=os.path.dirname(os.path.abspath(run_dir)), run_name=os.path.basename(os.path.abspath(run_dir)))
+    where = os.path.abspath(run_dir)
+    cfg = replace(cfg, out_dir=os.path.dirname(where), run_name=os.path.basename(where))
     expected = DiTConfig.from_config(cfg)
     model_dir = os.path.join(run_dir, "model")
     problem = None

@@ -36,6 +36,7 @@ from optim import LossScale, lr_at, make_optimizer, optimizer_update, state_fits
 from runtime import (allow_tf32, autocast_for, compile_for_training, precision_for, setup_distributed, to_device,
                      use_compile)
 
+
 class CSVLog:
     """Appends rows to a CSV file, writing the header once. A resumed run (resumed_at = its step) first
     drops the rows of later steps (written after that checkpoint, before the interruption) and any row
