@@ -41,9 +41,13 @@ class StaticImageSize(torch.nn.Module):
 
 
 def use_compile(cfg: Config, device) -> bool:
-    """cfg.compile resolved: auto compiles on GPU only. On 2 CPU cores compiling the shapes preset makes a
-    step ~1.2x faster but costs ~3 min of compiling (one graph per bucket): a loss in a 13.5-minute run."""
-    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    """cfg.compile resolved: auto compiles on GPUs that Triton (inductor's GPU compiler) supports, compute
+    capability 7.0+ (Kaggle's P100 or a GTX 10xx would fail at the first step), not on CPUs: on 2 CPU cores
+    compiling the shapes preset makes a step ~1.2x faster but costs ~3 min of compiling (one graph per
+    bucket), a loss in a 13.5-minute run."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 7
 
 
 def compile_for_training(model, cfg: Config, device):
