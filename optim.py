@@ -196,9 +196,9 @@ class LossScale:
             loss_finite = torch.as_tensor(loss_finite, device=self.scale.device)  # (a Python bool too)
         found = ~finite if loss_finite is None else ~finite & loss_finite
         self.overflow = found & (self.scale >= 1)
-        before = self.scale.clone(), self.growth_tracker.clone()
+        before = None if loss_finite is None else (self.scale.clone(), self.growth_tracker.clone())
         torch._amp_update_scale_(self.scale, self.growth_tracker, found.float(), 2.0, 0.5, self.growth_interval)
-        if loss_finite is not None:  # such a step neither counts towards growth nor resets it
+        if before is not None:  # such a step neither counts towards growth nor resets it
             self.scale.copy_(torch.where(loss_finite, self.scale, before[0]))
             self.growth_tracker.copy_(torch.where(loss_finite, self.growth_tracker, before[1]))
 

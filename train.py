@@ -344,7 +344,7 @@ def run_training(cfg: Config) -> dict:
         # step: grad_accum micro-batches, then clip, check, update, EMA
         optimizer.zero_grad(set_to_none=True)
         use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
-        loss_ok = torch.ones((), device=device)
+        loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
         for micro in range(cfg.grad_accum):
             batch = next(batches, None)
             if batch is None:  # epoch finished
@@ -361,12 +361,14 @@ def run_training(cfg: Config) -> dict:
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
-            loss_ok = loss_ok * finite_loss
+            if loss_ok is not None:
+                loss_ok = loss_ok * finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
             dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
-        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale, loss_ok.bool())
+        grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale,
+                                             None if loss_ok is None else loss_ok.bool())
         # fp16: a non-finite step while the loss scale is >= 1 (an overflow of loss x scale) only lowers the scale
         failed = ~finite & ~loss_scale.overflow
         streak = torch.where(failed, streak + 1, torch.where(finite, 0, streak))  # on the device: read when logging
