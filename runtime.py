@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import samplers as S
-from config import Config
+from config import Config, native_bf16
 
 
 def setup_distributed():
@@ -76,8 +76,8 @@ def precision_for(cfg: Config, device):
     (fp16 at a fraction of fp32 speed there) and on CPUs (bf16 matmuls are ~25x slower on ours)."""
     precision = cfg.mixed_precision
     if precision == "auto":
-        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
-        precision = "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
+        volta_turing = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 7
+        precision = "bf16" if native_bf16(device) else "fp16" if volta_turing else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
