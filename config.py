@@ -81,12 +81,14 @@ class Config:
     abs_pos: bool = True               # fixed sin-cos of fractional coordinates on image tokens (canvas frame)
     pooled_text: bool = True           # pooled caption vector added to the timestep embedding (SD3)
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
-    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025) | edm (x with a skip)
+    prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025)
+                                       # | edm (x with a skip)
     # --- objective (samplers.py) ---
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
-    t_mean: float = 0.4                # logit-normal mean (> 0: more noisy t; shapes: 0 loses backgrounds, 0.8 small shapes)
+    t_mean: float = 0.4                # logit-normal mean (> 0: more noisy t; shapes: 0 loses backgrounds,
+                                       # 0.8 small shapes)
     t_std: float = 1.0                 # logit-normal std
     t_uniform_mix: float = 0.0         # fraction of t drawn uniformly instead (shapes: 0.2 is worse, README e14)
     shift: float = 1.0                 # fixed time shift t' = s t / (1 + (s-1) t); 1 = none
@@ -157,9 +159,9 @@ class Config:
             need(getattr(self, key).strip() != "", key, "must name a folder")
         need(self.sample_steps <= 10 ** 6, "sample_steps", "must be <= 10**6")
         need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (room for the tokenizer's special tokens)")
-        for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES), ("text_encoder_type", TEXT_ENCODER_TYPES),
-                             ("sampler", SAMPLERS), ("loss", LOSSES), ("prediction", PREDICTIONS),
-                             ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),
+        for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES),
+                             ("text_encoder_type", TEXT_ENCODER_TYPES), ("sampler", SAMPLERS), ("loss", LOSSES),
+                             ("prediction", PREDICTIONS), ("t_sampling", T_SAMPLINGS), ("optimizer", OPTIMIZERS),
                              ("mixed_precision", PRECISIONS), ("compile", SWITCHES), ("flat_8bit", SWITCHES),
                              ("compile_mode", COMPILE_MODES)]:
             need(getattr(self, key) in allowed, key, f"must be one of {', '.join(allowed)}")

@@ -55,7 +55,7 @@ def rope_angles(rows: torch.Tensor, cols: torch.Tensor, head_dim: int):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive pairs (x[2k], x[2k+1]) of x (..., L, head_dim) by the angles behind cos/sin (L, head_dim/2)."""
+    """Rotate consecutive pairs (x[2k], x[2k+1]) of x (..., L, head_dim) by the angles of cos/sin (L, head_dim/2)."""
     x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)                                        # (..., L, hd/2) each
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)     # (..., L, hd)
 

@@ -108,8 +108,8 @@ def sanity_check(cfg, steps=300, min_factor=10.0, lr=3e-3, verbose=True):
     path = save_grid(targets + samples, ["target"] * len(targets) + ["sample"] * len(samples),
                      os.path.join(out_dir, "reconstruction.png"), cols=len(targets))
     ok = factor >= min_factor
-    print(f"{'PASS' if ok else 'FAIL'}: loss at fixed t {end:.4f}, {factor:.1f}x below v = 0's {start:.4f} (need {min_factor}x), "
-          f"sample MSE {recon_error:.4f}, wrote {path}")
+    print(f"{'PASS' if ok else 'FAIL'}: loss at fixed t {end:.4f}, {factor:.1f}x below v = 0's {start:.4f} "
+          f"(need {min_factor}x), sample MSE {recon_error:.4f}, wrote {path}")
     return {"ok": ok, "factor": factor, "losses": losses, "recon_mse": recon_error, "path": path}
 
 
