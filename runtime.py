@@ -1,5 +1,6 @@
 """Where and how train.py's step runs: torchrun's process group and device, the precision (autocast dtype:
 bf16, fp16 or fp32), torch.compile, and moving a batch to the device."""
+import importlib.util
 import os
 from contextlib import nullcontext
 
@@ -47,7 +48,13 @@ def use_compile(cfg: Config, device) -> bool:
     bucket), a loss in a 13.5-minute run."""
     if cfg.compile != "auto":
         return cfg.compile == "on"
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 7
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 7 and triton_installed()
+
+
+def triton_installed() -> bool:
+    """Whether inductor's GPU compiler is there: pip's Linux CUDA torch brings it, Windows and some conda builds
+    do not (there compile=auto trains eager; `pip install triton-windows` / `triton` enables it)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def compile_for_training(model, cfg: Config, device):

@@ -34,7 +34,7 @@ from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_st
 from objective import flow_matching_loss, noise_like
 from optim import LossScale, lr_at, make_optimizer, optimizer_update, state_fits
 from runtime import (allow_tf32, autocast_for, compile_for_training, precision_for, setup_distributed, to_device,
-                     use_compile)
+                     triton_installed, use_compile)
 
 
 class CSVLog:
@@ -219,6 +219,9 @@ def run_training(cfg: Config) -> dict:
     manifest = ensure_cache(cfg, distributed=world > 1)  # each rank encodes its share: none waits on rank 0
     # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
     compiled = use_compile(cfg, device)
+    if master and cfg.compile == "auto" and device.type == "cuda" and not compiled and not triton_installed():
+        print("note: compile=auto trains without torch.compile: Triton is not installed (pip install triton, "
+              "or triton-windows on Windows)")
     loader, batch_sampler, train_set = make_loader(cfg, "train", rank, world, drop_last=compiled)
     if compiled and len(batch_sampler) == 0:  # every bucket holds less than one batch: keep short ones
         loader, batch_sampler, train_set = make_loader(cfg, "train", rank, world)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint as C
+import runtime
 import train as T
 from config import get_config
 
@@ -776,9 +777,12 @@ def test_compile_for_training_regional_with_checkpointing_matches_eager():
 def test_compile_auto_means_gpu_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not T.use_compile(get_config("tiny", compile="auto"), cpu)
+    monkeypatch.setattr(runtime, "triton_installed", lambda: True)
     for capability, compiled in (((9, 0), True), ((7, 5), True), ((6, 0), False)):  # Triton needs 7.0+
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         assert T.use_compile(get_config("tiny", compile="auto"), cuda) == compiled
+    monkeypatch.setattr(runtime, "triton_installed", lambda: False)  # no Triton (Windows): eager
+    assert not T.use_compile(get_config("tiny", compile="auto"), cuda)
     assert T.use_compile(get_config("tiny", compile="on"), cpu)
     assert not T.use_compile(get_config("tiny", compile="off"), cuda)
 
