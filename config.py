@@ -117,7 +117,7 @@ class Config:
     ema_decay: float = 0.999           # EMA of the weights (fp32) for samples and export
     mixed_precision: str = "auto"      # auto: bf16 on GPUs that have it (Ampere+), fp16 + loss scaling on
                                        # V100/T4/RTX 20xx, else fp32 (CPU, older GPUs) | bf16 | fp16 | fp32
-    compile: str = "auto"              # torch.compile: auto (on for GPUs from Volta on, with Triton installed) | on | off
+    compile: str = "auto"              # torch.compile: auto (GPUs from Volta on, Triton installed) | on | off
     compile_mode: str = "default"      # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     num_workers: int = 0               # DataLoader workers
     trim_text: bool = True             # cut text to the longest caption in the batch (same output, faster)
