@@ -228,13 +228,15 @@ class SingleStreamDiT(nn.Module):
 
     # --- export ---
 
-    def save_pretrained(self, path: str):
-        """Write path/model.safetensors and path/config.json (the DiTConfig), each atomically."""
+    def save_pretrained(self, path: str, step: int = None):
+        """Write path/model.safetensors and path/config.json (the DiTConfig), each atomically; step (the
+        training step of these weights) goes into the safetensors metadata (see exported_step)."""
         from safetensors.torch import save_file
         os.makedirs(path, exist_ok=True)
         weights, cfg = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        write_atomic(weights, lambda tmp: save_file(state, tmp), what="model ")  # a full disk: one line
+        metadata = None if step is None else {"step": str(step)}
+        write_atomic(weights, lambda tmp: save_file(state, tmp, metadata=metadata), what="model ")  # full disk: 1 line
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(weights, 0o666 & ~umask)  # safetensors writes 0600; others may share the run
@@ -268,6 +270,17 @@ class SingleStreamDiT(nn.Module):
             raise ValueError(f"{weights_path}: weights do not match {cfg_path}: {'; '.join(problems[:3])}{more}")
         model.load_state_dict(state)
         return model.to(device)
+
+
+def exported_step(path: str):
+    """The training step save_pretrained recorded in path/model.safetensors, or None (no such file, an
+    unreadable one, or an export from before steps were recorded)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(os.path.join(path, WEIGHTS_NAME), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # missing, truncated, no or a foreign step entry
+        return None
 
 
 # --- FLOPs (for MFU) ---------------------------------------------------------------------------------

@@ -132,17 +132,38 @@ def latent_space_for(cfg, device="cpu"):
         try:
             with open(path, encoding="utf-8") as f:
                 stats = json.load(f)
+            why = stats_problem(stats, cfg.latent_channels)
         except (OSError, ValueError) as e:
-            print(f"warning: latent_norm is on but {path} is not readable ({type(e).__name__}): images are "
-                  "decoded without the cache's latent mean/std", file=sys.stderr)
+            why = f"is not readable ({type(e).__name__})"
+        if why:
+            stats = None
+            print(f"warning: latent_norm is on but {path} {why}: images are decoded without the cache's "
+                  "latent mean/std", file=sys.stderr)
     return LatentSpace.from_config(cfg, device=device, stats=stats)
 
 
+def stats_problem(stats, channels: int):
+    """What is wrong with a latent_stats.json / manifest's latent_mean and latent_std, or None."""
+    if not isinstance(stats, dict):
+        return "is not a JSON object"
+    for key in ("latent_mean", "latent_std"):
+        values = stats.get(key)
+        if not (isinstance(values, list) and len(values) == channels
+                and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)):
+            return f"has no {key} of {channels} finite numbers"
+    if min(stats["latent_std"]) <= 0:
+        return "has a latent_std <= 0"
+    return None
+
+
 def run_step(run_dir):
-    """The step of a run's newest checkpoint (its model/ export is from the same step), or None."""
+    """The step load_run's model was trained to: the newer of the export's and the newest checkpoint's
+    (exports from before steps were recorded: the checkpoint's), or None."""
     from checkpoint import checkpoint_step, step_files
-    paths = step_files(os.path.join(run_dir, "checkpoints"))
-    return checkpoint_step(paths[-1]) if paths else None
+    from model import exported_step
+    steps = [checkpoint_step(p) for p in step_files(os.path.join(run_dir, "checkpoints"))[-1:]]
+    steps += [s for s in [exported_step(os.path.join(run_dir, "model"))] if s is not None]
+    return max(steps) if steps else None
 
 
 def check_sampling_options(args):
@@ -181,10 +202,13 @@ def save_grid(images, labels, path, cols=None, min_side=128):
 def load_run(run_dir, device="cpu"):
     """(cfg, EMA model) of a run: model/ (the export), else the newest readable checkpoint's EMA weights.
 
-    A missing run, an unreadable config.json or a model that does not match it is a one-line ConfigError;
-    an unreadable export or checkpoint is reported and the next one tried, so a damaged file loses nothing.
+    A checkpoint newer than the export (a resumed run that stopped before exporting: kill -9, out of
+    memory) is used instead, with a warning. A missing run, an unreadable config.json or a model that does
+    not match it is a one-line ConfigError; an unreadable export or checkpoint is reported and the next one
+    tried, so a damaged file loses nothing.
     """
-    from model import DiTConfig, SingleStreamDiT
+    from checkpoint import checkpoint_step, step_files
+    from model import DiTConfig, SingleStreamDiT, exported_step
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{run_dir}: not a run folder (no config.json); train one with train.py")
@@ -198,39 +222,41 @@ def load_run(run_dir, device="cpu"):
     cfg = replace(cfg, out_dir=os.path.dirname(where), run_name=os.path.basename(where))
     expected = DiTConfig.from_config(cfg)
     model_dir = os.path.join(run_dir, "model")
-    problem = None
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        try:
-            model = SingleStreamDiT.from_pretrained(model_dir, device=device)
-        except Exception as e:
-            problem = f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})"
-        else:
+    ckpts = step_files(os.path.join(run_dir, "checkpoints"))  # oldest first
+    exported = exported_step(model_dir)
+    newer = [p for p in ckpts if exported is not None and checkpoint_step(p) > exported]
+    problem = f"{model_dir} is from step {exported}, older than {newer[-1]}" if newer else None
+    for source in newer[::-1] + [model_dir] + [p for p in ckpts if p not in newer][::-1]:
+        if source == model_dir:
+            if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+                continue
+            try:
+                model = SingleStreamDiT.from_pretrained(model_dir, device=device)
+            except Exception as e:
+                problem = f"{model_dir}: cannot load the model ({str(e).splitlines()[0]})"
+                continue
             got = model.dc
             if (got.hidden_size, got.depth, got.in_channels, got.text_dim) != \
                     (expected.hidden_size, expected.depth, expected.in_channels, expected.text_dim):
                 raise ConfigError(f"{model_dir}: model does not match {cfg_path} (hidden {got.hidden_size}/"
                                   f"{expected.hidden_size}, depth {got.depth}/{expected.depth})")
             return cfg, model.eval()
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    ckpts = sorted(n for n in os.listdir(ckpt_dir) if n.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
-    for name in reversed(ckpts):
-        path = os.path.join(ckpt_dir, name)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(source, map_location="cpu", weights_only=False)
             ema = state["ema"]
             if not isinstance(ema, dict):
                 raise TypeError("its ema is not a state dict")
         except Exception as e:  # truncated, foreign or not a training checkpoint
-            print(f"warning: {path}: not a readable checkpoint ({type(e).__name__}); trying an older one",
+            print(f"warning: {source}: not a readable checkpoint ({type(e).__name__}); trying an older one",
                   file=sys.stderr)
             continue
         model = SingleStreamDiT(expected)
         try:
             model.load_state_dict(ema)
         except RuntimeError as e:
-            raise ConfigError(f"{path}: checkpoint does not match {cfg_path}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"{source}: checkpoint does not match {cfg_path}: {str(e).splitlines()[0]}") from None
         if problem:
-            print(f"warning: {problem}; using the EMA weights of {path}", file=sys.stderr)
+            print(f"warning: {problem}; using the EMA weights of {source}", file=sys.stderr)
         return cfg, model.to(device).eval()
     raise ConfigError(problem or f"{run_dir}: no exported model/ and no readable checkpoint in checkpoints/")
 

@@ -455,7 +455,7 @@ def run_training(cfg: Config) -> dict:
     # --- export the EMA model, draw the graphs (a signal meanwhile, e.g. torchrun passing on the job's
     # SIGTERM, is one more request to stop: the export goes on; train() restores the handlers) ---
     if master:
-        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"))  # a failure here: one line, exit 2
+        ema_model.save_pretrained(os.path.join(cfg.run_dir, "model"), step=step)  # a failure: one line, exit 2
         if unsaved:  # the model is exported, but the run cannot resume from this step
             raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
                           "last checkpoint written")

@@ -219,3 +219,48 @@ def test_the_default_size_is_a_trained_bucket():
         size = default_size(cfg)
         assert size in make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
         assert want is None or size == want
+
+
+def test_a_checkpoint_newer_than_the_export_is_used(tiny_run, tmp_path, capsys):
+    """A resumed run that stopped before its export (kill -9, out of memory) leaves model/ from an earlier
+    step: load_run takes the newer checkpoint's EMA weights (with a warning), run_step names its step."""
+    import shutil
+    from model import SingleStreamDiT, exported_step
+    from sample import load_run, run_step
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert exported_step(str(run_dir / "model")) == 6 == run_step(str(run_dir))  # train.py records the step
+    _, model = load_run(str(run_dir))
+    assert capsys.readouterr().err == ""
+    newest = torch.load(ckpts[-1], weights_only=False)["ema"]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, newest[k], rtol=0, atol=0)
+    older = SingleStreamDiT(model.dc)  # the export of an earlier run, step 4
+    older.load_state_dict(torch.load(ckpts[0], weights_only=False)["ema"])
+    older.save_pretrained(str(run_dir / "model"), step=4)
+    _, model = load_run(str(run_dir))
+    assert "from step 4" in capsys.readouterr().err and run_step(str(run_dir)) == 6
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, newest[k], rtol=0, atol=0)
+    older.save_pretrained(str(run_dir / "model"))  # no step recorded (exports before this): the export
+    _, model = load_run(str(run_dir))
+    assert any(not torch.equal(v, newest[k]) for k, v in model.state_dict().items())
+
+
+def test_damaged_latent_stats_are_a_warning(tmp_path, capsys):
+    import json
+    from config import get_config
+    from sample import latent_space_for
+    cfg = get_config("tiny", latent_norm=True, out_dir=str(tmp_path), run_name="run")
+    os.makedirs(cfg.run_dir)
+    good = {"latent_mean": [0.0, 0.1, 0.2], "latent_std": [1.0, 2.0, 3.0]}
+    for stats in ([], {"latent_mean": [0, 0, 0]}, dict(good, latent_std=[1.0, 2.0]),
+                  dict(good, latent_std=[1.0, 0.0, 1.0]), dict(good, latent_mean=["a", 0, 0])):
+        with open(os.path.join(cfg.run_dir, "latent_stats.json"), "w") as f:
+            json.dump(stats, f)
+        space = latent_space_for(cfg)
+        assert space.std is None and "latent_stats.json" in capsys.readouterr().err, stats
+    with open(os.path.join(cfg.run_dir, "latent_stats.json"), "w") as f:
+        json.dump(good, f)
+    assert latent_space_for(cfg).std.tolist() == [1.0, 2.0, 3.0] and capsys.readouterr().err == ""
