@@ -74,16 +74,25 @@ def write_json(path: str, obj, indent: int = 2) -> int:
     return write_atomic(path, dump)
 
 
-def save_checkpoint(cfg: Config, state: dict) -> str:
-    """Write step_XXXXXXX.pt atomically (write_atomic), then drop all but the newest keep_checkpoints."""
+def save_checkpoint(cfg: Config, state: dict, say=print) -> str:
+    """Write step_XXXXXXX.pt atomically (write_atomic), then drop all but the newest keep_checkpoints.
+    An OSError means the checkpoint was not written; an old file that cannot be removed (a user deleted it
+    meanwhile, a permission) is only reported with say()."""
     d = checkpoint_dir(cfg)
     os.makedirs(d, exist_ok=True)
-    for stale in [n for n in os.listdir(d) if n.endswith(".pt.tmp")]:  # left by a killed run
-        os.remove(os.path.join(d, stale))
     path = os.path.join(d, f"step_{state['step']:07d}.pt")
+
+    def remove(files):
+        for old in files:
+            try:
+                os.remove(old)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                say(f"warning: {old}: not removed ({e.strerror})")
+    remove(os.path.join(d, n) for n in os.listdir(d) if n.endswith(".pt.tmp"))  # left by a killed run
     write_atomic(path, lambda tmp: torch.save(state, tmp), what="checkpoint ")
-    for old in list_checkpoints(cfg)[:-cfg.keep_checkpoints]:
-        os.remove(old)
+    remove(list_checkpoints(cfg)[:-cfg.keep_checkpoints])
     return path
 
 

@@ -443,7 +443,7 @@ def run_training(cfg: Config) -> dict:
             dist.all_gather_object(rng_ranks, rng_state(gen), group=host_group)
         if master and (step % cfg.checkpoint_every == 0 or final):
             try:
-                save_checkpoint(cfg, checkpoint_state(rng_ranks))
+                save_checkpoint(cfg, checkpoint_state(rng_ranks), say=tqdm.write)
             except OSError as e:  # e.g. a full disk: train on, try again at the next checkpoint
                 unsaved = str(e)
                 tqdm.write(f"warning: {e}; " + ("exporting the model" if final else "training goes on"))

@@ -870,3 +870,21 @@ def test_flatten_groups_keeps_values_aligns_and_caps_buffers():
     assert seen == {id(p) for p in model.parameters()}  # every weight once
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning(tmp_path, monkeypatch):
+    """Pruning is housekeeping: a file that cannot be removed (a permission) or is gone already (deleted by
+    the user meanwhile) is reported, and the new checkpoint counts as written."""
+    cfg = get_config("tiny", out_dir=str(tmp_path), run_name="r", keep_checkpoints=1)
+    said = []
+    remove = os.remove
+
+    def refuse(path):
+        if path.endswith("step_0000001.pt"):
+            raise PermissionError(13, "Permission denied", path)
+        remove(path)
+    monkeypatch.setattr(C.os, "remove", refuse)
+    for step in (1, 2, 3):
+        assert os.path.isfile(C.save_checkpoint(cfg, {"step": step}, say=said.append))
+    assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt", "step_0000003.pt"]
+    assert len(said) == 2 and all("step_0000001.pt: not removed (Permission denied)" in s for s in said)
