@@ -15,6 +15,7 @@ reported once; train.py skips the steps it is in (their loss is non-finite).
 import hashlib
 import os
 import random
+import signal
 import sys
 
 import torch
@@ -48,6 +49,27 @@ def load_cache_file(path: str) -> dict:
     except Exception as e:
         raise CacheError(f"{path}: missing or corrupt cache file ({type(e).__name__}); "
                          "delete it and re-run python preprocess.py to re-encode it") from None
+
+
+def loading_failure(e: Exception):
+    """One line on why a batch could not be loaded, or None for other errors: a missing or damaged cache
+    file (from a DataLoader worker it arrives with the worker's traceback: its last line is kept), or a
+    worker killed (e.g. by the out-of-memory killer) or ended."""
+    if isinstance(e, CacheError):
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        return lines[-1].split("CacheError: ", 1)[-1] if lines else "a cache file could not be loaded"
+    if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
+        return str(e).splitlines()[0]
+    return None
+
+
+def quiet_worker_exit(worker_id: int):
+    """A SIGTERM to a DataLoader worker ends it quietly, as Ctrl-C does (PyTorch's worker loop catches the
+    KeyboardInterrupt). A signal to the whole process group (Slurm's scancel, docker stop) reaches the
+    workers too; killed by it, they failed the step with a traceback. The main process finishes its step and
+    saves (a batch it then misses from an ended worker counts as the stop: see loading_failure). Ignoring
+    the signal would block PyTorch's own terminate() of a stuck worker at exit."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -199,5 +221,6 @@ def make_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: in
                                  rank=rank, world_size=world_size)
     # persistent_workers=False: workers are re-created for every iter(loader), so they pick up set_epoch
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                        worker_init_fn=quiet_worker_exit if cfg.num_workers > 0 else None)
     return loader, sampler, dataset

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
+from cache import CacheError
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
                         set_aside_earlier_run, set_aside_later_checkpoints, set_rng_state, step_files, unlock_run,
                         write_atomic, write_json)
@@ -193,7 +194,7 @@ def train(cfg: Config) -> dict:
 
 
 def run_training(cfg: Config) -> dict:
-    from dataset import make_loader
+    from dataset import loading_failure, make_loader
     from latents import LATENT_STATS, LatentSpace
     from model import DiTConfig, SingleStreamDiT
     from preprocess import ensure_cache, raise_interrupt
@@ -329,6 +330,7 @@ def run_training(cfg: Config) -> dict:
     # skipped (non-finite) steps since the last log line, the current run of them, the longest run
     skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
+    load_failed = None  # why a step could not load its batch (then: checkpoint, export, one-line error)
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -348,12 +350,21 @@ def run_training(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
+        step_start = (epoch, batch_in_epoch)  # where a resume goes on if this step cannot load its batches
         for micro in range(cfg.grad_accum):
-            batch = next(batches, None)
-            if batch is None:  # epoch finished
-                epoch, batch_in_epoch = epoch + 1, 0
-                batches = start_epoch(0)
-                batch = next(batches)
+            try:
+                batch = next(batches, None)
+                if batch is None:  # epoch finished
+                    epoch, batch_in_epoch = epoch + 1, 0
+                    batches = start_epoch(0)
+                    batch = next(batches)
+            except Exception as e:  # a damaged or deleted cache file, a killed DataLoader worker
+                load_failed = loading_failure(e)
+                if load_failed is None:
+                    raise
+                if world > 1:  # the other ranks wait in this step's all-reduce: stop the job
+                    raise CacheError(load_failed) from None
+                break
             batch_in_epoch += 1
             batch = to_device(batch, device, cfg.trim_text)
             sync = world == 1 or micro == cfg.grad_accum - 1
@@ -368,6 +379,9 @@ def run_training(cfg: Config) -> dict:
                 loss_ok = loss_ok * finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
+        if load_failed:  # the last completed step is checkpointed below; this one runs again on resume
+            epoch, batch_in_epoch = step_start
+            break
         if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
             dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale,
@@ -452,6 +466,15 @@ def run_training(cfg: Config) -> dict:
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
+    if load_failed:  # the step could not load its batch: the last completed step is saved
+        status = f"stopped at step {step}: a batch could not be loaded"
+        if stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop, no error
+            load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
+        if master:
+            try:
+                save_checkpoint(cfg, checkpoint_state(), say=tqdm.write)
+            except OSError as e:
+                unsaved = str(e)
     # --- export the EMA model, draw the graphs (a signal meanwhile, e.g. torchrun passing on the job's
     # SIGTERM, is one more request to stop: the export goes on; train() restores the handlers) ---
     if master:
@@ -459,6 +482,8 @@ def run_training(cfg: Config) -> dict:
         if unsaved:  # the model is exported, but the run cannot resume from this step
             raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
                           "last checkpoint written")
+        if load_failed:
+            raise CacheError(f"{load_failed} (step {step} is checkpointed: resume=auto goes on from it)")
         try:
             generate_graph.make_graphs(cfg.run_dir)
         except Exception as e:  # graphs are a convenience; never lose a run over them

@@ -888,3 +888,53 @@ def test_an_old_checkpoint_that_cannot_be_removed_is_a_warning(tmp_path, monkeyp
         assert os.path.isfile(C.save_checkpoint(cfg, {"step": step}, say=said.append))
     assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt", "step_0000003.pt"]
     assert len(said) == 2 and all("step_0000001.pt: not removed (Permission denied)" in s for s in said)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_damaged_cache_file_mid_run_keeps_the_steps_done(tiny_data, tmp_path, monkeypatch, num_workers):
+    """A cache too big for RAM is read batch by batch: a file damaged or deleted since the run started stops
+    it with one line naming the file (from a DataLoader worker too), after checkpointing the last completed
+    step and exporting; once the file is fixed, resume=auto runs the failed step again and goes on."""
+    import shutil
+    import dataset as D
+    from cache import CacheError
+    cache = str(tmp_path / "cache")
+    shutil.copytree(tiny_data["cache_dir"], cache)
+    monkeypatch.setattr(D, "IN_MEMORY_MAX_BYTES", 0)  # lazy loading, as for a cache over 2 GiB
+    args = tiny_args(dict(tiny_data, cache_dir=cache), tmp_path, max_steps=30, checkpoint_every=100,
+                     num_workers=num_workers, run_name="lazy")
+    cfg = get_config("tiny", **args)
+    victim = D.CachedDataset(cfg, "train").paths[5]
+    intact = open(victim, "rb").read()
+    with open(victim, "wb") as f:
+        f.write(b"\0" * len(intact))  # same size: the cache check at the start does not see it
+    with pytest.raises(CacheError) as err:
+        T.train(cfg)
+    message = str(err.value)
+    assert victim in message and "\n" not in message and "Traceback" not in message
+    saved = C.list_checkpoints(cfg)
+    assert len(saved) == 1 and f"step {C.checkpoint_step(saved[0])} is checkpointed" in message
+    state = torch.load(saved[0], weights_only=False)
+    assert 0 < state["step"] < 12 and state["batch_in_epoch"] == state["step"] and state["epoch"] == 0
+    assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
+    with open(victim, "wb") as f:
+        f.write(intact)
+    result = T.train(get_config("tiny", **dict(args, resume="auto")))
+    assert result["status"] == "done" and result["step"] == 30
+
+
+def test_sigterm_to_the_process_group_with_workers_saves_a_checkpoint(tiny_data, tmp_path):
+    """A SIGTERM to the whole process group (Slurm's scancel, docker stop, kill -- -PGID) reaches the
+    DataLoader workers too: they leave it to the main process, which finishes the step and saves."""
+    args = tiny_args(tiny_data, tmp_path, max_steps=100000, checkpoint_every=100000, log_every=1,
+                     num_workers=2, run_name="group")
+    cfg = get_config("tiny", **args)
+    proc = run_script(["train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()], start_new_session=True)
+    log = os.path.join(cfg.run_dir, "log.csv")
+    ok = wait_for(lambda: os.path.exists(log) and sum(1 for _ in open(log)) >= 4, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert ok, out
+    assert proc.returncode == 0 and "stopped by signal 15" in out and "Traceback" not in out, out
+    ckpts = C.list_checkpoints(cfg)
+    assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] >= 3
