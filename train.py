@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
+from config import PRESETS, Config, ConfigError, get_config, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
 from cache import CacheError
 from checkpoint import (checkpoint_dir, load_resume_checkpoint, lock_run, rng_state, save_checkpoint,
@@ -120,11 +120,36 @@ RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "l
                "checkpoint_every", "keep_checkpoints"}  # settings a resume changes without a note
 
 
+def mismatch(cfg: Config, resume_path, trained: dict, detail: str) -> str:
+    """Why a checkpoint's weights do not fit cfg's model: the model settings that differ (and the preset they
+    match, the usual cause being a resume without the run's preset), else detail."""
+    from model import DiTConfig
+    model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
+                                        if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
+    differ = [k for k in model_keys if k in trained and trained[k] != getattr(cfg, k)]
+    why = "; ".join(f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in differ) or detail
+    presets = [p for p in PRESETS if differ and all(getattr(get_config(p), k) == trained[k] for k in differ)]
+    hint = f"; was it trained with the {presets[0]} preset? python train.py {presets[0]} ..." if presets else ""
+    return f"{resume_path}: does not match this config ({why}){hint}"
+
+
+def check_resume_fits(cfg: Config, resume_path, ckpt: dict):
+    """Before any data work: a checkpoint whose weights do not fit cfg's model is a one-line error."""
+    from model import DiTConfig, SingleStreamDiT
+    with torch.device("meta"):  # shapes only: no memory, no time
+        expected = {k: tuple(v.shape) for k, v in SingleStreamDiT(DiTConfig.from_config(cfg)).state_dict().items()}
+    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
+    if got != expected:
+        detail = next((f"{k}: {got.get(k)} there, {v} here" for k, v in expected.items() if got.get(k) != v),
+                      "other weights")
+        raise ConfigError(mismatch(cfg, resume_path, ckpt.get("config") or {}, detail))
+
+
 def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss_scale, gen, rank, world):
     """Load a checkpoint into the run's model, EMA, optimiser (when its state fits this optimiser), loss scale
     and this rank's noise generator, and say what differs from the run it continues.
     Returns (step, epoch, batch_in_epoch)."""
-    from model import DiTConfig
     from cache import CACHE_SETTINGS, same_folder
     master, trained = rank == 0, ckpt.get("config") or {}
     same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer \
@@ -135,12 +160,7 @@ def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss
         if same_optimizer:
             optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
-                                            if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
-        differ = [f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in model_keys
-                  if k in trained and trained[k] != getattr(cfg, k)]
-        why = "; ".join(differ) or str(e).splitlines()[0][:120]
-        raise ConfigError(f"{resume_path}: does not match this config ({why})") from None
+        raise ConfigError(mismatch(cfg, resume_path, trained, str(e).splitlines()[0][:120])) from None
     if not same_optimizer and master:
         was = trained.get("optimizer", cfg.optimizer)
         layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
@@ -210,6 +230,8 @@ def run_training(cfg: Config) -> dict:
 
     # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
     resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
+    if resume_path:
+        check_resume_fits(cfg, resume_path, ckpt)
     if master and resume_path is None:
         moved = set_aside_earlier_run(cfg.run_dir)
         if moved:

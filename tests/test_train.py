@@ -938,3 +938,18 @@ def test_sigterm_to_the_process_group_with_workers_saves_a_checkpoint(tiny_data,
     assert proc.returncode == 0 and "stopped by signal 15" in out and "Traceback" not in out, out
     ckpts = C.list_checkpoints(cfg)
     assert len(ckpts) == 1 and torch.load(ckpts[0], weights_only=False)["step"] >= 3
+
+
+def test_a_resume_without_the_runs_preset_fails_before_any_data_work(tiny_data, tmp_path, monkeypatch):
+    """python train.py resume=auto run_name=<a tiny run>: the shapes preset's model does not fit the
+    checkpoint; that is one line naming the settings and the preset, before the cache is built or loaded."""
+    import preprocess
+    from config import ConfigError
+    args = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="t")
+    T.train(get_config("tiny", **args))
+    built = []
+    monkeypatch.setattr(preprocess, "ensure_cache", lambda *a, **k: built.append(1))
+    with pytest.raises(ConfigError, match=r"step_0000002.pt: does not match this config \(.*patch_size=2 there, "
+                                          r"4 here.*\); was it trained with the tiny preset\?"):
+        T.train(get_config("shapes", out_dir=str(tmp_path), run_name="t", resume="auto"))
+    assert built == []
