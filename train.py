@@ -362,7 +362,11 @@ def run_training(cfg: Config) -> dict:
 
     batches = start_epoch(batch_in_epoch)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    while step < cfg.max_steps:
+    # a resume of a run that used up its max_minutes trains no step (the same on every rank: the checkpoint's)
+    out_of_time = bool(resume_path) and 0 < cfg.max_minutes <= ckpt.get("train_seconds", 0.0) / 60
+    if out_of_time:
+        status = f"max_minutes={cfg.max_minutes} was used up at step {step} (give a larger one to train on)"
+    while step < cfg.max_steps and not out_of_time:
         last_step = step + 1 == cfg.max_steps
         lr = lr_at(step, cfg, time_frac)
         for g in optimizer.param_groups:

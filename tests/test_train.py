@@ -953,3 +953,20 @@ def test_a_resume_without_the_runs_preset_fails_before_any_data_work(tiny_data, 
                                           r"4 here.*\); was it trained with the tiny preset\?"):
         T.train(get_config("shapes", out_dir=str(tmp_path), run_name="t", resume="auto"))
     assert built == []
+
+
+def test_a_resume_after_the_time_limit_trains_no_step(tiny_data, tmp_path):
+    """The max_minutes clock goes on from the checkpoint: a run that used it up resumes to the same step
+    (not one more step and checkpoint per resume); a larger max_minutes trains on."""
+    args = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="clock")
+    cfg = get_config("tiny", **args)
+    T.train(cfg)
+    path = C.list_checkpoints(cfg)[-1]
+    state = torch.load(path, weights_only=False)
+    state["train_seconds"] = 120.0  # it trained for 2 minutes
+    torch.save(state, path)
+    result = T.train(get_config("tiny", **dict(args, resume="auto", max_steps=10, max_minutes=1.0)))
+    assert result["step"] == 2 and "max_minutes=1.0 was used up at step 2" in result["status"]
+    assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [2]
+    result = T.train(get_config("tiny", **dict(args, resume="auto", max_steps=4, max_minutes=5.0)))
+    assert result["step"] == 4 and result["status"] == "done"
