@@ -234,7 +234,10 @@ def run_training(cfg: Config) -> dict:
         check_resume_fits(cfg, resume_path, ckpt)
     if master and resume_path is None:
         moved = set_aside_earlier_run(cfg.run_dir)
-        if moved:
+        if cfg.resume == "auto":
+            print(f"resume=auto: no readable checkpoint in {checkpoint_dir(cfg)}: starting fresh"
+                  + (f" (what the folder held is moved to {moved})" if moved else ""))
+        elif moved:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
 
     # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
@@ -270,8 +273,6 @@ def run_training(cfg: Config) -> dict:
     if resume_path:
         step, epoch, batch_in_epoch = resume_run(cfg, resume_path, ckpt, model, ema_model, optimizer, loss_scale,
                                                  gen, rank, world)
-    elif cfg.resume == "auto" and master:
-        print(f"resume=auto: no checkpoint in {checkpoint_dir(cfg)}, starting fresh")
 
     train_model = compile_for_training(model, cfg, device)
     host_group = None  # the collectives on host values: the default group unless that one is NCCL (GPU only)

@@ -970,3 +970,17 @@ def test_a_resume_after_the_time_limit_trains_no_step(tiny_data, tmp_path):
     assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [2]
     result = T.train(get_config("tiny", **dict(args, resume="auto", max_steps=4, max_minutes=5.0)))
     assert result["step"] == 4 and result["status"] == "done"
+
+
+def test_resume_auto_without_a_readable_checkpoint_says_so_once(tiny_data, tmp_path, capsys):
+    args = tiny_args(tiny_data, tmp_path, max_steps=1, run_name="junk", resume="auto")
+    cfg = get_config("tiny", **args)
+    os.makedirs(os.path.join(cfg.run_dir, "checkpoints"))
+    with open(os.path.join(cfg.run_dir, "checkpoints", "step_0000004.pt"), "wb") as f:
+        f.write(b"junk")
+    capsys.readouterr()
+    assert T.train(cfg)["step"] == 1
+    out = capsys.readouterr().out
+    assert "not a readable checkpoint" in out and "held an earlier run" not in out
+    assert f"resume=auto: no readable checkpoint in {cfg.run_dir}/checkpoints: starting fresh (what the folder " \
+           f"held is moved to {cfg.run_dir}.1)" in out
