@@ -88,7 +88,8 @@ class CachedDataset(Dataset):
         assert split in ("train", "val"), split
         manifest = load_manifest(cfg.cache_dir)
         if manifest is None:
-            raise CacheError(f"cache_dir={cfg.cache_dir}: no cache there; run python preprocess.py first")
+            raise CacheError(f"cache_dir={cfg.cache_dir}: no cache there; run python preprocess.py first (with "
+                             "the same preset and settings)")
         check_manifest(cfg, manifest)
         self.cfg, self.split, self.epoch = cfg, split, 0
         train, val = split_sources(manifest["entries"], cfg.val_fraction)
