@@ -5,6 +5,7 @@
     python bench.py flowers peak_tflops=165           # MFU against a peak you give (e.g. RTX 4090 bf16)
     python bench.py flowers --compare grad_checkpointing=true    # baseline vs change, interleaved
     python bench.py tiny --only train steps=5 warmup=2
+    python bench.py tiny --only sample preprocess     # several parts: listed, comma-separated or --only again
     python bench.py flowers --profile                 # torch.profiler table of the train step's kernels
 
 Inputs are synthetic (random latents and text embeddings of the preset's shapes), so no data is needed.
@@ -30,6 +31,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe":
                "T4": 65.0, "V100": 125.0}
 BENCH_DEFAULTS = {"steps": 10, "warmup": 3, "peak_tflops": 0.0, "sample_batch": 8, "sample_steps": 30,
                   "rounds": 3, "padded": 1}  # padded=0: every caption fills max_token_length (no attention mask)
+PARTS = ("train", "sample", "preprocess")
 
 
 def peak_for(device) -> float:
@@ -262,11 +264,15 @@ def split_args(argv):
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if arg == "--only":
+        if arg == "--only":  # the word after it, and the part names that follow; a repeated --only adds
             if i + 1 == len(argv):
                 raise ConfigError("--only: expected train, sample and/or preprocess after it")
-            only = argv[i + 1].split(",")
+            parts = argv[i + 1].split(",")
             i += 2
+            while i < len(argv) and set(argv[i].split(",")) <= set(PARTS):  # (not a preset after them)
+                parts += argv[i].split(",")
+                i += 1
+            only = list(dict.fromkeys((only or []) + parts))  # in order, each once
             continue
         if arg == "--compare":
             changes = argv[i + 1:]
@@ -306,8 +312,8 @@ def main():
         cfg_b = apply_overrides(cfg, compare_overrides).validate()
         result.update(compare(cfg, cfg_b, device, opts), compare=compare_overrides)
     else:
-        parts = only or ["train", "sample", "preprocess"]
-        unknown = [p for p in parts if p not in ("train", "sample", "preprocess", "profile")]
+        parts = only or list(PARTS)
+        unknown = [p for p in parts if p not in PARTS + ("profile",)]
         if unknown:
             raise ConfigError(f"--only {','.join(unknown)}: expected train, sample and/or preprocess")
         for part in parts:

@@ -39,3 +39,20 @@ def test_bad_settings_are_one_line():
                         (["--only", "speed"], "error: --only speed")]:
         r = run("tiny", *args)
         assert r.returncode == 2 and r.stderr.startswith(start) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_only_takes_several_parts():
+    """`--only sample preprocess`, `--only sample,preprocess` and `--only sample --only preprocess` all run
+    both; a preset after the parts stays the preset."""
+    import bench
+    for args in (["--only", "sample", "preprocess"], ["--only", "sample,preprocess"],
+                 ["--only", "sample", "--only", "preprocess", "--only", "sample"]):
+        cfg, opts, only, _ = bench.split_args(["tiny", *args, "steps=2"])
+        assert only == ["sample", "preprocess"] and opts["steps"] == 2, args
+    cfg, _, only, _ = bench.split_args(["--only", "train", "tiny"])
+    assert only == ["train"] and cfg.run_name == "tiny"
+    r = run("tiny", "sample_steps=2", "sample_batch=2", "--only", "sample", "--only", "preprocess")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert "sample_cfg_batched_s_per_image" in result and "vae_images_per_s" in result
+    assert "train_s_per_step" not in result
