@@ -310,6 +310,11 @@ def main():
               "resolution": cfg.target_resolution, "tokens_text": cfg.max_token_length}
     if compare_overrides is not None:
         cfg_b = apply_overrides(cfg, compare_overrides).validate()
+        same = [f"{k}={v}" for k, v in compare_overrides.items() if getattr(cfg_b, k) == getattr(cfg, k)]
+        if same:  # e.g. a preset's default given again: that part of B is A, its ratio is noise around 1
+            print(f"warning: --compare {' '.join(same)}: the baseline has {'these' if len(same) > 1 else 'it'} "
+                  "already" + (" (nothing to compare)" if len(same) == len(compare_overrides) else ""),
+                  file=sys.stderr)
         result.update(compare(cfg, cfg_b, device, opts), compare=compare_overrides)
     else:
         parts = only or list(PARTS)

@@ -56,3 +56,12 @@ def test_only_takes_several_parts():
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert "sample_cfg_batched_s_per_image" in result and "vae_images_per_s" in result
     assert "train_s_per_step" not in result
+
+
+def test_compare_warns_when_the_change_is_the_baseline():
+    r = run("tiny", "steps=1", "warmup=0", "rounds=1", "--compare", "depth=1")  # tiny has depth=1 already
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if "--compare" in line]
+    assert warnings == ["warning: --compare depth=1: the baseline has it already (nothing to compare)"], r.stderr
+    r = run("tiny", "steps=1", "warmup=0", "rounds=1", "--compare", "depth=1", "hidden_size=64")
+    assert r.returncode == 0 and "warning: --compare depth=1: the baseline has it already\n" in r.stderr, r.stderr
