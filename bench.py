@@ -12,16 +12,19 @@ Inputs are synthetic (random latents and text embeddings of the preset's shapes)
 Prints a small table and one JSON line (for tracking over time). Benchmarks print figures; they are not
 timed tests.
 """
+import difflib
 import json
 import os
 import resource
 import statistics
 import sys
 import time
+from dataclasses import fields
 
 import torch
 
-from config import ConfigError, apply_overrides, exit_with_help_if_asked, main_guard, parse_args, resolve_device
+from config import (Config, ConfigError, apply_overrides, exit_with_help_if_asked, main_guard, parse_args,
+                    resolve_device)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name;
 # fp16 for the pre-Ampere T4 and V100, where mixed_precision=auto trains in fp16.
@@ -31,6 +34,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe":
                "T4": 65.0, "V100": 125.0}
 BENCH_DEFAULTS = {"steps": 10, "warmup": 3, "peak_tflops": 0.0, "sample_batch": 8, "sample_steps": 30,
                   "rounds": 3, "padded": 1}  # padded=0: every caption fills max_token_length (no attention mask)
+CONFIG_KEYS = [f.name for f in fields(Config)]
 PARTS = ("train", "sample", "preprocess")
 
 
@@ -288,6 +292,9 @@ def split_args(argv):
                 opts[key] = type(BENCH_DEFAULTS[key])(value)
             except ValueError:
                 raise ConfigError(f"{key}={value!r}: expected a number") from None
+        elif sep and key and key.lstrip("-") not in CONFIG_KEYS:  # parse_args would suggest Config keys only
+            close = difflib.get_close_matches(key.lower(), list(BENCH_DEFAULTS) + CONFIG_KEYS, n=1)
+            raise ConfigError(f"unknown setting '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
         else:
             rest.append(arg)
         i += 1

@@ -8,16 +8,20 @@ If this fails, something between the cache, the model and the objective is broke
 train either. Prints the loss curve, writes runs/<name>/sanity/reconstruction.png (target | sample) and
 exits 1 when the loss is not `min_factor` times below v = 0's.
 """
+import difflib
 import math
 import os
 import sys
+from dataclasses import fields
 
 import torch
 
-from config import ConfigError, exit_with_help_if_asked, get_config, main_guard
+from config import Config, ConfigError, exit_with_help_if_asked, get_config, main_guard
 import samplers as S
 
 CHECK_DEFAULTS = {"steps": 300, "min_factor": 10.0, "lr": 3e-3}  # settings of this check only
+CONFIG_KEYS = [f.name for f in fields(Config)]
+
 
 
 def split_args(argv):
@@ -35,8 +39,11 @@ def split_args(argv):
                 check[key] = type(CHECK_DEFAULTS[key])(value)
             except ValueError:
                 raise ConfigError(f"{key}={value!r}: expected a number") from None
-        else:
+        elif key in CONFIG_KEYS:
             overrides[key] = value
+        else:  # get_config would suggest Config keys only: stepz -> "did you mean steps?" needs ours too
+            close = difflib.get_close_matches(key.lower(), list(CHECK_DEFAULTS) + CONFIG_KEYS, n=1)
+            raise ConfigError(f"unknown setting '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
     for key in ("steps", "min_factor", "lr"):
         if not (math.isfinite(check[key]) and check[key] > 0):  # (nan is not <= 0 either)
             raise ConfigError(f"{key}={check[key]}: must be a number > 0")

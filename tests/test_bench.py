@@ -65,3 +65,19 @@ def test_compare_warns_when_the_change_is_the_baseline():
     assert warnings == ["warning: --compare depth=1: the baseline has it already (nothing to compare)"], r.stderr
     r = run("tiny", "steps=1", "warmup=0", "rounds=1", "--compare", "depth=1", "hidden_size=64")
     assert r.returncode == 0 and "warning: --compare depth=1: the baseline has it already\n" in r.stderr, r.stderr
+
+
+def test_own_settings_get_a_did_you_mean():
+    """bench.py's and sanity_check.py's own key=value settings are suggested like Config's."""
+    import pytest
+    import bench
+    import sanity_check
+    from config import ConfigError
+    cases = [(bench, "stepz", "steps"), (bench, "sample_step", "sample_steps"), (sanity_check, "stepz", "steps"),
+             (sanity_check, "min_factr", "min_factor"), (sanity_check, "batch_sise", "batch_size")]
+    for script, typo, meant in cases:
+        with pytest.raises(ConfigError, match=f"unknown setting '{typo}' \\(did you mean {meant}\\?\\)"):
+            script.split_args(["tiny", f"{typo}=5"])
+    r = subprocess.run([sys.executable, "sanity_check.py", "tiny", "stepz=5"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == "error: unknown setting 'stepz' (did you mean steps?)\n", r.stderr
