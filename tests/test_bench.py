@@ -81,3 +81,22 @@ def test_own_settings_get_a_did_you_mean():
     r = subprocess.run([sys.executable, "sanity_check.py", "tiny", "stepz=5"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 2 and r.stderr == "error: unknown setting 'stepz' (did you mean steps?)\n", r.stderr
+
+
+def test_sanity_check_anneals_its_learning_rate(tiny_data, tmp_path, monkeypatch):
+    """The score is taken after the last step: at a constant lr that step can throw a fit of loss 0.002 back
+    to 0.2 (shapes steps=600 failed at 0.7x). The lr holds for the first half, then goes down to 0."""
+    import torch
+    from config import get_config
+    from sanity_check import sanity_check
+    used = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    cfg = get_config("tiny", out_dir=str(tmp_path), **tiny_data)
+    sanity_check(cfg, steps=10, lr=1e-3, verbose=False)
+    assert len(used) == 10 and used[:5] == [1e-3] * 5 and used[-1] == 0.0
+    assert all(a >= b for a, b in zip(used, used[1:]))
