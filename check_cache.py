@@ -80,21 +80,21 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(4.0 / mse)
 
 
-def decode_entries(cfg, manifest, n: int, bad=()) -> list:
+def decode_entries(cfg, manifest, n: int, bad=()) -> tuple:
     """Decode n entries spread over the cache (leaving out the files in bad); write <name>_decoded.png and
-    <name>_source.png."""
+    <name>_source.png. Returns (paths written, paths that could not be written)."""
     from latents import LatentSpace, images_to_tensor, tensor_to_images
     bad = set(bad)
     sources = [s for s in sorted(manifest["entries"])
                if os.path.join(cfg.cache_dir, manifest["entries"][s]["file"]) not in bad]
     n = min(n, len(sources))
     if n <= 0:
-        return []
+        return [], []
     picks = [sources[int(i * (len(sources) - 1) / max(n - 1, 1) + 0.5)] for i in range(n)]  # evenly, distinct
     space = LatentSpace.from_config(cfg, stats=None)  # cached latents are before the optional mean/std
     out_dir = os.path.join(cfg.cache_dir, "check")
     os.makedirs(out_dir, exist_ok=True)
-    written = []
+    written, not_written = [], []
     data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from, if still there
     data_dir = data_dir if os.path.isdir(data_dir) else cfg.data_dir
     for source in tqdm(picks, desc="decode", unit="img"):
@@ -107,19 +107,30 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> list:
             continue
         decoded = space.decode(d["latents"][None].float()).clamp(-1, 1)          # (1, 3, H, W)
         decoded_path = os.path.join(out_dir, f"{stem}_decoded.png")
-        tensor_to_images(decoded)[0].save(decoded_path)
+        try:
+            tensor_to_images(decoded)[0].save(decoded_path)
+        except OSError as err:  # a full disk: one line per file, the other files and the summary go on
+            tqdm.write(f"warning: {decoded_path}: not written ({err.strerror or err})", file=sys.stderr)
+            not_written.append(decoded_path)
+            continue
         written.append(decoded_path)
         line = f"{source}: {decoded_path}"
         try:
             src = resize_and_crop(load_image(os.path.join(data_dir, source)), tuple(e["bucket"]))
-            src_path = os.path.join(out_dir, f"{stem}_source.png")
+        except (Skip, OSError) as err:
+            tqdm.write(line + f" (source unavailable: {err})")
+            continue
+        src_path = os.path.join(out_dir, f"{stem}_source.png")
+        try:
             src.save(src_path)
             written.append(src_path)
-            line += f" vs {os.path.basename(src_path)}: PSNR {psnr(decoded, images_to_tensor([src])):.1f} dB"
-        except (Skip, OSError) as err:
-            line += f" (source unavailable: {err})"
-        tqdm.write(line)
-    return written
+            line += f" vs {os.path.basename(src_path)}"
+        except OSError as err:
+            tqdm.write(f"warning: {src_path}: not written ({err.strerror or err})", file=sys.stderr)
+            not_written.append(src_path)
+            line += " vs its source"
+        tqdm.write(line + f": PSNR {psnr(decoded, images_to_tensor([src])):.1f} dB")
+    return written, not_written
 
 
 def main():
@@ -140,11 +151,13 @@ def main():
         raise CacheError(f"cache_dir={cfg.cache_dir}: no cache there; run python preprocess.py first")
     check_manifest(cfg, manifest)
     stats = summarise_cache(cfg, manifest)
-    written = decode_entries(cfg, manifest, n_decode, stats["bad"])
+    written, not_written = decode_entries(cfg, manifest, n_decode, stats["bad"])
     print(f"checked {len(manifest['entries'])} files ({len(stats['bad'])} damaged) in "
           f"{len(stats['per_bucket'])} buckets" + (f"; wrote {len(written)} PNGs to "
-                                                   f"{os.path.join(cfg.cache_dir, 'check')}" if written else ""))
-    if stats["bad"]:  # for scripts: a damaged cache is a failure (preprocess.py re-encodes those files)
+                                                   f"{os.path.join(cfg.cache_dir, 'check')}" if written else "")
+          + (f"; {len(not_written)} PNGs not written" if not_written else ""))
+    # for scripts: a damaged cache is a failure (preprocess.py re-encodes those files), as are missing PNGs
+    if stats["bad"] or not_written:
         sys.exit(1)
 
 

@@ -774,3 +774,29 @@ def test_sigterm_keeps_what_was_encoded(tmp_path, script):
     kept = P.load_manifest(str(tmp_path / "cache"))["entries"]
     assert f"interrupted: the {len(kept)} images encoded so far are cached" in out
     assert 0 < len(kept) < 4000
+
+
+def test_check_cache_goes_on_when_a_decoded_png_cannot_be_written(tiny_data, tmp_path, monkeypatch, capsys):
+    """A full disk under <cache_dir>/check: one warning per PNG, the other decodes and the summary go on, exit 1
+    (as for damaged files), not one error and exit 2 at the first PNG."""
+    import errno
+    import check_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_data["cache_dir"], cache)  # (the shared cache stays as it is)
+    real_save = Image.Image.save
+
+    def save(self, fp, *args, **kwargs):
+        if str(fp).endswith("_decoded.png"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "save", save)
+    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
+                                      f"cache_dir={cache}", "--decode", "3"])
+    with pytest.raises(SystemExit) as exit_code:
+        check_cache.main()
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert exit_code.value.code == 1 and len(warnings) == 3, err
+    assert all(w.endswith("_decoded.png: not written (No space left on device)") for w in warnings)
+    assert "(0 damaged)" in out and "3 PNGs not written" in out
+    assert not any(f.endswith("_decoded.png") for f in os.listdir(cache / "check"))
