@@ -16,6 +16,7 @@ model loses in that noise range, which tells where training time should go (see 
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -62,7 +63,11 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
     if out_dir:
         labels = [("OK " if s["all"] else "x  ") + " ".join(k[:3] for k in ATTRIBUTES[:-1] if not s[k])
                   + " | " + p for s, p in zip(scores, prompts)]
-        save_grid(images, labels, os.path.join(out_dir, "shapes_scored.png"), cols=8)
+        path = os.path.join(out_dir, "shapes_scored.png")
+        try:
+            save_grid(images, labels, path, cols=8)
+        except OSError as e:  # a full disk costs the picture, not the scores (eval.json, the table)
+            print(f"warning: {path}: not written ({e.strerror or e})", file=sys.stderr)
     summary["seconds"] = seconds
     summary["num_images"] = len(images)
     return summary

@@ -84,3 +84,26 @@ def test_renoise_keeps_ground_truth_at_tiny_t_and_is_on_the_cli(tiny_run):
     assert "denoising noised ground truth" in r.stdout
     report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
     assert set(report["renoise"]) == {"0.0", "0.1", "0.2", "0.3", "0.45", "0.6", "0.8", "1.0"}
+
+
+def test_a_grid_that_cannot_be_written_keeps_the_scores(tiny_run, monkeypatch, capsys):
+    """A full disk under runs/<run>/eval costs the scored grid (one warning), not the table and eval.json."""
+    import errno
+    import evaluate
+    import sample
+
+    def disk_full(images, labels, path, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(sample, "save_grid", disk_full)
+    out_dir = os.path.join(tiny_run, "eval")
+    for name in ("eval.json", "shapes_scored.png"):
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", tiny_run, "--steps", "2", "--per-pair", "1"])
+    evaluate.main()
+    out, err = capsys.readouterr()
+    grid = os.path.join(out_dir, "shapes_scored.png")
+    assert f"warning: {grid}: not written (No space left on device)" in err.splitlines()
+    assert any(line.startswith("seen") for line in out.splitlines()) and "val loss" in out and "FID skipped" in out
+    report = json.load(open(os.path.join(out_dir, "eval.json")))
+    assert report["shapes"]["seen"]["n"] > 0 and "val" in report and not os.path.exists(grid)
