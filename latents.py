@@ -35,6 +35,24 @@ HUB_HINT = "not in the Hugging Face cache and not downloadable: check the id, lo
            "for gated repos, or give a local folder; offline, HF_HUB_OFFLINE=1 skips the network retries"
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether a vae=/text_encoder= value means a local folder rather than a hub id. A hub id is exactly
+    "name" or "org/name"; a leading /, . or ~, a second '/', a backslash (Windows) or a drive letter make a path."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or any(sep in name for sep in (os.sep, os.altsep) if sep and sep != "/")
+            or os.path.splitdrive(name)[0] != "")
+
+
+def check_local_folder(key: str, name: str):
+    """A path that is not a folder is a one-line error here: the loaders would take it for a hub id and talk
+    of logins and repo id formats."""
+    if not looks_like_path(name) or os.path.isdir(name):
+        return
+    if os.path.isdir(os.path.expanduser(name)):
+        raise ConfigError(f"{key}={name!r}: no such folder (~ is not expanded here: give the full path)")
+    raise ConfigError(f"{key}={name!r}: {'not a folder' if os.path.exists(name) else 'no such folder'}")
+
+
 def _hub_error_line(err: Exception) -> str:
     """The first line of a loader's error: enough to see why, short enough for one line."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -44,6 +62,7 @@ def load_vae(cfg: Config, device="cpu", dtype=torch.float32):
     """diffusers AutoencoderKL from cfg.vae (hub id or local folder), in eval mode, no grad."""
     from diffusers import AutoencoderKL  # heavy import: only when a VAE is really needed
 
+    check_local_folder("vae", cfg.vae)
     local = os.path.isdir(cfg.vae)
     try:
         vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder or None,
@@ -187,6 +206,7 @@ class LatentSpace:
 def load_vae_config(cfg: Config):
     """The VAE's config without its weights (for scale/shift when no VAE is loaded)."""
     from diffusers import AutoencoderKL
+    check_local_folder("vae", cfg.vae)
     try:
         config = AutoencoderKL.load_config(cfg.vae, subfolder=cfg.vae_subfolder or None,
                                            local_files_only=files_only(cfg.vae))

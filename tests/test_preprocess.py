@@ -800,3 +800,16 @@ def test_check_cache_goes_on_when_a_decoded_png_cannot_be_written(tiny_data, tmp
     assert all(w.endswith("_decoded.png: not written (No space left on device)") for w in warnings)
     assert "(0 damaged)" in out and "3 PNGs not written" in out
     assert not any(f.endswith("_decoded.png") for f in os.listdir(cache / "check"))
+
+
+def test_a_mistyped_local_model_folder_is_not_called_a_hub_id(tiny_data, tmp_path, monkeypatch):
+    """preprocess.py text_encoder=/no/such/folder: 'no such folder', not a hub login hint."""
+    for key in ("text_encoder", "vae"):
+        extra = ["latent_space=flux", "latent_channels=16", "vae_downsample=8", "bucket_align=16"] \
+            if key == "vae" else []
+        missing = str(tmp_path / f"no_{key}")
+        monkeypatch.setattr(sys, "argv", ["preprocess.py", "tiny", f"data_dir={tiny_data['data_dir']}",
+                                          f"cache_dir={tmp_path / key}", f"{key}={missing}", *extra])
+        with pytest.raises(ConfigError) as e:
+            P.main()
+        assert str(e.value) == f"{key}={missing!r}: no such folder"

@@ -166,3 +166,23 @@ def test_a_dual_tower_model_gives_its_text_tower(tmp_path):
                                        max_token_length=10))
     assert enc.kind == "encoder" and type(enc.model).__name__ == "SiglipTextModel"
     assert_matches(enc, lambda i, a: saved.text_model(input_ids=i, attention_mask=a).last_hidden_state, 10, atol=1e-5)
+
+
+def test_a_path_that_is_not_there_is_no_such_folder_not_a_hub_id(tmp_path, monkeypatch):
+    """A mistyped local folder used to be reported as a hub id (log in, repo id format): what looks like a
+    path ('/', './', '../', '~', or more than one '/') is checked as one; 'org/name' stays a hub id."""
+    import re
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a model")
+    for value in (str(tmp_path / "nonenc"), "./my_encoder", "../no_such/enc", "~/no_such_enc_7f3a", "a/b/c",
+                  "./a_file"):
+        with pytest.raises(ConfigError) as e:
+            load_text_encoder(get_config("tiny", text_layer=-1, text_encoder=value))
+        reason = "not a folder" if value == "./a_file" else "no such folder"
+        assert re.fullmatch(re.escape(f"text_encoder={value!r}: {reason}") + r"( \(.*\))?", str(e.value)), e.value
+    with pytest.raises(ConfigError, match="hub id") as e:  # org/name: a hub id, as before
+        load_text_encoder(get_config("tiny", text_layer=-1, text_encoder="nobody/no-such-model"))
+    save_tiny_t5(str(tmp_path / "t5"))  # a relative path that is there loads
+    enc = load_text_encoder(get_config("tiny", text_layer=-1, text_encoder="./t5", text_dim=32, max_token_length=8))
+    assert enc.kind == "t5"
