@@ -155,8 +155,9 @@ class Config:
             if isinstance(value, float):
                 need(math.isfinite(value) or (f.name in MAY_BE_INF and value > 0), f.name, "must be a finite number")
         need(abs(self.seed) < 2 ** 63 // 1000 - 1000, "seed", "must be within +-9e15")  # seeded with seed * 1000 + rank
-        for key in ("data_dir", "cache_dir"):
+        for key in ("data_dir", "cache_dir", "out_dir"):
             need(getattr(self, key).strip() != "", key, "must name a folder")
+            need(not os.path.isfile(getattr(self, key)), key, "is a file, expected a folder")
         need(self.sample_steps <= 10 ** 6, "sample_steps", "must be <= 10**6")
         need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (room for the tokenizer's special tokens)")
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES),

@@ -56,6 +56,9 @@ def test_overrides_are_typed():
     (["learning_rate=inf"], "learning_rate"),
     (["seed=100000000000000000"], "seed"),
     (["cache_dir="], "cache_dir"),
+    (["out_dir="], "out_dir"),                          # (the run went into the working folder)
+    ([f"out_dir={os.path.join(ROOT, 'README.md')}"], "out_dir"),  # a file: one line naming it, not Errno 17
+    ([f"cache_dir={os.path.join(ROOT, 'README.md')}"], "cache_dir"),
     (["max_token_length=1"], "max_token_length"),
     (["cfg_scale=1e308"], "cfg_scale"),                 # (the guided velocity overflows: black images)
 ])
