@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import torch
 
@@ -130,7 +131,12 @@ def set_aside_later_checkpoints(cfg: Config, step: int) -> list:
     """Resuming from step S (an older checkpoint, or the newest readable one): checkpoints of later steps
     belong to the abandoned continuation (or are damaged). They are renamed *.pt.abandoned, so that neither
     pruning (which keeps the newest) nor a later resume=auto picks them over this run's own."""
+    from model import exported_step  # (model.py imports this module)
     later = [p for p in list_checkpoints(cfg) if checkpoint_step(p) > step]
+    export = os.path.join(cfg.run_dir, "model")
+    if (exported_step(export) or 0) > step:  # their export too: sample.py would take it for this run's
+        shutil.rmtree(export + ".abandoned", ignore_errors=True)
+        later.append(export)
     for path in later:
         os.replace(path, path + ".abandoned")
     return later

@@ -212,14 +212,14 @@ def load_run(run_dir, device="cpu"):
     cfg_path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise ConfigError(f"{run_dir}: not a run folder (no config.json); train one with train.py")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            cfg = config_from_dict(json.load(f))
-    except (ValueError, AttributeError) as e:  # not JSON, or JSON that is not an object
-        raise ConfigError(f"{cfg_path}: not a readable run config ({str(e).splitlines()[0]})") from None
     # cfg.run_dir is where the run is now (it may have been moved or copied since it was trained)
     where = os.path.abspath(run_dir)
-    cfg = replace(cfg, out_dir=os.path.dirname(where), run_name=os.path.basename(where))
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            saved = json.load(f)
+        cfg = config_from_dict(dict(saved, out_dir=os.path.dirname(where), run_name=os.path.basename(where)))
+    except (ValueError, AttributeError, TypeError) as e:  # not JSON, or JSON that is not an object
+        raise ConfigError(f"{cfg_path}: not a readable run config ({str(e).splitlines()[0]})") from None
     expected = DiTConfig.from_config(cfg)
     model_dir = os.path.join(run_dir, "model")
     ckpts = step_files(os.path.join(run_dir, "checkpoints"))  # oldest first

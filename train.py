@@ -203,7 +203,8 @@ def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss
 def train(cfg: Config) -> dict:
     """Train as cfg says (under torchrun: on every rank); returns {'status', 'step', 'run_dir', 'diverged'}. The run
     folder is locked meanwhile: a second train.py on it stops with a one-line error."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGCHLD", None))
+                if sig is not None}
     lock = lock_run(cfg) if int(os.environ.get("RANK", 0)) == 0 else None
     try:
         return run_training(cfg)
@@ -304,7 +305,14 @@ def run_training(cfg: Config) -> dict:
                 "latent_mean", "latent_std", "scale", "shift")})
 
     def validate_and_sample(step):
-        row = validation_loss(ema_model, val_loader, cfg, device)
+        try:
+            row = validation_loss(ema_model, val_loader, cfg, device)
+        except Exception as e:  # a damaged held-out cache file, a DataLoader worker ended or killed
+            why = loading_failure(e)
+            if why is None:
+                raise
+            row = None
+            tqdm.write(f"warning: step {step}: validation loss skipped: {why}")
         if row:
             val_log.write({"step": step, **row})
         for tag, m in (("ema", ema_model), ("raw", model)):
@@ -362,6 +370,11 @@ def run_training(cfg: Config) -> dict:
         return iter(loader)
 
     batches = start_epoch(batch_in_epoch)
+    if cfg.num_workers > 0 and hasattr(signal, "SIGCHLD"):
+        # PyTorch's SIGCHLD handler raises wherever the main thread is when a worker dies (e.g. killed for
+        # memory): mid-backward or mid-update. Without it the death shows in next() (within 5 s), where a
+        # batch that cannot be loaded is handled: checkpoint of the last completed step, one line.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     # a resume of a run that used up its max_minutes trains no step (the same on every rank: the checkpoint's)
     out_of_time = bool(resume_path) and 0 < cfg.max_minutes <= ckpt.get("train_seconds", 0.0) / 60
@@ -377,7 +390,8 @@ def run_training(cfg: Config) -> dict:
         optimizer.zero_grad(set_to_none=True)
         use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
-        step_start = (epoch, batch_in_epoch)  # where a resume goes on if this step cannot load its batches
+        # where a resume goes on if this step cannot load its batches (and the noise it draws again)
+        step_start, gen_start = (epoch, batch_in_epoch), gen.get_state() if cfg.grad_accum > 1 else None
         for micro in range(cfg.grad_accum):
             try:
                 batch = next(batches, None)
@@ -408,6 +422,8 @@ def run_training(cfg: Config) -> dict:
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         if load_failed:  # the last completed step is checkpointed below; this one runs again on resume
             epoch, batch_in_epoch = step_start
+            if gen_start is not None:  # an earlier micro-batch drew noise and t
+                gen.set_state(gen_start)
             break
         if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
             dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)

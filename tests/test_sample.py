@@ -264,3 +264,16 @@ def test_damaged_latent_stats_are_a_warning(tmp_path, capsys):
     with open(os.path.join(cfg.run_dir, "latent_stats.json"), "w") as f:
         json.dump(good, f)
     assert latent_space_for(cfg).std.tolist() == [1.0, 2.0, 3.0] and capsys.readouterr().err == ""
+
+
+def test_a_run_config_from_before_the_out_dir_check_loads(tiny_run, tmp_path):
+    """config.json of runs trained with out_dir="" (allowed before): the run's folder is where it is now."""
+    import json
+    import shutil
+    from sample import load_run
+    run_dir = tmp_path / "old"
+    shutil.copytree(tiny_run, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(saved, out_dir="")))
+    cfg, _ = load_run(str(run_dir))
+    assert cfg.run_dir == str(run_dir)

@@ -983,3 +983,81 @@ def test_resume_auto_without_a_readable_checkpoint_says_so_once(tiny_data, tmp_p
     assert "not a readable checkpoint" in out and "held an earlier run" not in out
     assert f"resume=auto: no readable checkpoint in {cfg.run_dir}/checkpoints: starting fresh (what the folder " \
            f"held is moved to {cfg.run_dir}.1)" in out
+
+
+@pytest.mark.parametrize("fail_at", [14, 22])
+def test_a_batch_that_fails_to_load_in_a_later_micro_batch_resumes_exactly(tiny_data, tmp_path, monkeypatch,
+                                                                           fail_at):
+    """grad_accum=2: a failure in the second micro-batch comes after the first drew its noise and t; the
+    checkpoint keeps the step's starting noise state, so failure + resume trains the same weights."""
+    import dataset as D
+    from cache import CacheError
+    monkeypatch.setattr(D, "IN_MEMORY_MAX_BYTES", 0)
+    args = tiny_args(tiny_data, tmp_path, max_steps=6, grad_accum=2, checkpoint_every=100)
+    straight = T.train(get_config("tiny", **dict(args, run_name="straight")))
+    real_load, calls = D.load_cache_file, {"n": 0}
+
+    def load_once_broken(path):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise CacheError(f"{path}: missing or corrupt cache file (injected)")
+        return real_load(path)
+    monkeypatch.setattr(D, "load_cache_file", load_once_broken)
+    with pytest.raises(CacheError, match="is checkpointed"):
+        T.train(get_config("tiny", **dict(args, run_name="failed")))
+    resumed = T.train(get_config("tiny", **dict(args, run_name="failed", resume="auto")))
+    assert resumed["step"] == straight["step"] == 6
+    a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
+            for n in ("straight", "failed"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_a_worker_killed_mid_step_stops_with_a_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """A DataLoader worker killed while the main process computes (the out-of-memory killer): PyTorch's
+    SIGCHLD handler would raise mid-backward; instead the next batch load notices, and the run stops with
+    one line after checkpointing the last completed step."""
+    import dataset as D
+    from cache import CacheError
+    real_item, real_loss = D.CachedDataset.__getitem__, T.flow_matching_loss
+
+    def item(self, i):
+        if self.split == "train" and torch.utils.data.get_worker_info() is not None:
+            self.served = getattr(self, "served", 0) + 1
+            if self.served == 10:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real_item(self, i)
+
+    def slow_loss(*a, **k):
+        time.sleep(0.2)  # the step's compute outlasts loading its batch, as usual
+        return real_loss(*a, **k)
+    monkeypatch.setattr(D.CachedDataset, "__getitem__", item)
+    monkeypatch.setattr(T, "flow_matching_loss", slow_loss)
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=50, num_workers=1, checkpoint_every=100))
+    with pytest.raises(CacheError) as err:
+        T.train(cfg)
+    assert str(err.value).startswith("DataLoader worker") and "is checkpointed" in str(err.value)
+    assert len(C.list_checkpoints(cfg)) == 1
+
+
+def test_validation_that_cannot_load_its_batches_is_skipped(tiny_data, tmp_path, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+    monkeypatch.setattr(T, "validation_loss", broken)
+    result = T.train(get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=2)))
+    assert result["status"] == "done"
+    assert "step 2: validation loss skipped: DataLoader worker (pid(s) 12345) exited unexpectedly" in \
+        capsys.readouterr().out
+
+
+def test_a_resume_from_an_older_checkpoint_sets_the_later_export_aside(tiny_data, tmp_path):
+    """The export of the abandoned later steps must not pass for this run's (sample.py prefers the export
+    unless a checkpoint is newer)."""
+    from model import exported_step
+    args = tiny_args(tiny_data, tmp_path, max_steps=6, checkpoint_every=2, keep_checkpoints=3, run_name="br")
+    cfg = get_config("tiny", **args)
+    T.train(cfg)
+    step2 = os.path.join(C.checkpoint_dir(cfg), "step_0000002.pt")
+    T.train(get_config("tiny", **dict(args, resume=step2, max_steps=3)))
+    assert exported_step(os.path.join(cfg.run_dir, "model.abandoned")) == 6
+    assert exported_step(os.path.join(cfg.run_dir, "model")) == 3
