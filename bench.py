@@ -12,7 +12,6 @@ Inputs are synthetic (random latents and text embeddings of the preset's shapes)
 Prints a small table and one JSON line (for tracking over time). Benchmarks print figures; they are not
 timed tests.
 """
-import difflib
 import json
 import os
 import resource
@@ -24,7 +23,7 @@ from dataclasses import fields
 import torch
 
 from config import (Config, ConfigError, apply_overrides, exit_with_help_if_asked, main_guard, parse_args,
-                    resolve_device)
+                    resolve_device, unknown_setting)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched against the device name;
 # fp16 for the pre-Ampere T4 and V100, where mixed_precision=auto trains in fp16.
@@ -293,8 +292,7 @@ def split_args(argv):
             except ValueError:
                 raise ConfigError(f"{key}={value!r}: expected a number") from None
         elif sep and key and key.lstrip("-") not in CONFIG_KEYS:  # parse_args would suggest Config keys only
-            close = difflib.get_close_matches(key.lower(), list(BENCH_DEFAULTS) + CONFIG_KEYS, n=1)
-            raise ConfigError(f"unknown setting '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise unknown_setting(key, list(BENCH_DEFAULTS) + CONFIG_KEYS)
         else:
             rest.append(arg)
         i += 1

@@ -258,15 +258,20 @@ def _parse_value(key: str, raw: str, default):
     return raw
 
 
+def unknown_setting(key: str, known) -> ConfigError:
+    """The error for a key=value whose key is none of `known`, naming the closest (Batch_Size -> batch_size);
+    scripts with settings of their own (bench.py, sanity_check.py) pass theirs with Config's."""
+    close = difflib.get_close_matches(key.lower(), list(known), n=1)
+    return ConfigError(f"unknown setting '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
 def apply_overrides(cfg: Config, overrides: dict) -> Config:
     """Return a copy of cfg with overrides (strings from the shell, or typed values) applied."""
     defaults = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     typed = {}
     for key, value in overrides.items():
         if key not in defaults:
-            close = difflib.get_close_matches(key.lower(), defaults, n=1)  # Batch_Size -> batch_size
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"unknown setting '{key}'{hint}")
+            raise unknown_setting(key, defaults)
         default = defaults[key]
         if isinstance(value, str) and not isinstance(default, str):
             value = _parse_value(key, value, default)

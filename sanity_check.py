@@ -9,7 +9,6 @@ train either. Prints the loss curve, writes runs/<name>/sanity/reconstruction.pn
 exits 1 when the loss is not `min_factor` times below v = 0's. The learning rate `lr` holds for the first
 half of `steps`, then anneals to 0, so the score is that of a settled fit.
 """
-import difflib
 import math
 import os
 import sys
@@ -17,7 +16,7 @@ from dataclasses import fields
 
 import torch
 
-from config import Config, ConfigError, exit_with_help_if_asked, get_config, main_guard
+from config import Config, ConfigError, exit_with_help_if_asked, get_config, main_guard, unknown_setting
 import samplers as S
 
 CHECK_DEFAULTS = {"steps": 300, "min_factor": 10.0, "lr": 3e-3}  # settings of this check only
@@ -51,8 +50,7 @@ def split_args(argv):
         elif key in CONFIG_KEYS:
             overrides[key] = value
         else:  # get_config would suggest Config keys only: stepz -> "did you mean steps?" needs ours too
-            close = difflib.get_close_matches(key.lower(), list(CHECK_DEFAULTS) + CONFIG_KEYS, n=1)
-            raise ConfigError(f"unknown setting '{key}'" + (f" (did you mean {close[0]}?)" if close else ""))
+            raise unknown_setting(key, list(CHECK_DEFAULTS) + CONFIG_KEYS)
     for key in ("steps", "min_factor", "lr"):
         if not (math.isfinite(check[key]) and check[key] > 0):  # (nan is not <= 0 either)
             raise ConfigError(f"{key}={check[key]}: must be a number > 0")
