@@ -1,18 +1,21 @@
 """Checkpoints: plain dicts written atomically (write_atomic: temp file + rename, also used for the cache and
-the model export), the newest K kept, and resume; a fresh run sets an earlier run in its folder aside.
+the model export), the newest K kept, and resume (check_resume_fits before any data work, then resume_run);
+a fresh run sets an earlier run in its folder aside.
 
 A checkpoint holds model, EMA, optimiser, step, epoch, batch position in the epoch, RNG states and the
-resolved config (train.py builds it); the learning rate is a function of the step (train.lr_at).
+resolved config (train.py builds it); the learning rate is a function of the step (optim.lr_at).
 """
 import json
 import os
 import random
 import re
 import shutil
+from dataclasses import fields
 
 import torch
 
-from config import Config, ConfigError
+from config import PRESETS, Config, ConfigError, get_config, to_dict
+from optim import state_fits
 
 
 def checkpoint_dir(cfg: Config) -> str:
@@ -201,3 +204,91 @@ def set_aside_earlier_run(run_dir: str):
         n += 1
     os.rename(run_dir, f"{run_dir}.{n}")
     return f"{run_dir}.{n}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: does a checkpoint fit this config's model, and load it into the run
+
+
+RESUME_FREE = {"resume", "max_steps", "max_minutes", "device", "num_workers", "log_every", "val_every",
+               "checkpoint_every", "keep_checkpoints"}  # settings a resume changes without a note
+
+
+def mismatch(cfg: Config, resume_path, trained: dict, detail: str) -> str:
+    """Why a checkpoint's weights do not fit cfg's model: the model settings that differ (and the preset they
+    match, the usual cause being a resume without the run's preset), else detail."""
+    from model import DiTConfig
+    model_keys = ["latent_channels"] + [f.name for f in fields(DiTConfig)  # the ones that shape weights
+                                        if f.name not in ("in_channels", "grad_checkpointing", "abs_pos")]
+    differ = [k for k in model_keys if k in trained and trained[k] != getattr(cfg, k)]
+    why = "; ".join(f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in differ) or detail
+    presets = [p for p in PRESETS if differ and all(getattr(get_config(p), k) == trained[k] for k in differ)]
+    hint = f"; was it trained with the {presets[0]} preset? python train.py {presets[0]} ..." if presets else ""
+    return f"{resume_path}: does not match this config ({why}){hint}"
+
+
+def check_resume_fits(cfg: Config, resume_path, ckpt: dict):
+    """Before any data work: a checkpoint whose weights do not fit cfg's model is a one-line error."""
+    from model import DiTConfig, SingleStreamDiT
+    with torch.device("meta"):  # shapes only: no memory, no time
+        expected = {k: tuple(v.shape) for k, v in SingleStreamDiT(DiTConfig.from_config(cfg)).state_dict().items()}
+    weights = ckpt["model"] if isinstance(ckpt["model"], dict) else {}
+    got = {k: tuple(getattr(v, "shape", ())) for k, v in weights.items()}
+    if got != expected:
+        detail = next((f"{k}: {got.get(k)} there, {v} here" for k, v in expected.items() if got.get(k) != v),
+                      "other weights")
+        raise ConfigError(mismatch(cfg, resume_path, ckpt.get("config") or {}, detail))
+
+
+def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss_scale, gen, rank, world):
+    """Load a checkpoint into the run's model, EMA, optimiser (when its state fits this optimiser), loss scale
+    and this rank's noise generator, and say what differs from the run it continues.
+    Returns (step, epoch, batch_in_epoch)."""
+    from cache import CACHE_SETTINGS, same_folder
+    master, trained = rank == 0, ckpt.get("config") or {}
+    same_optimizer = trained.get("optimizer", cfg.optimizer) == cfg.optimizer \
+        and state_fits(optimizer, ckpt.get("optimizer"))  # the optimiser, and flat_8bit's layout
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        if same_optimizer:
+            optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise ConfigError(mismatch(cfg, resume_path, trained, str(e).splitlines()[0][:120])) from None
+    if not same_optimizer and master:
+        was = trained.get("optimizer", cfg.optimizer)
+        layouts = ("per tensor", "flat") if getattr(optimizer, "members", None) else ("flat", "per tensor")
+        why = (f"was trained with optimizer={was}" if was != cfg.optimizer else  # flat_8bit=on/off changed it
+               "its optimiser state is {}, this run's {} (flat_8bit)".format(*layouts)
+               if cfg.optimizer == "adamw8bit" else "its optimiser state does not fit")
+        print(f"warning: {resume_path} {why}: optimizer={cfg.optimizer} starts from a fresh state")
+    changed = [f"{k} {trained[k]!r} -> {v!r}" for k, v in to_dict(cfg).items()
+               if k in trained and trained[k] != v and k not in RESUME_FREE
+               and not (k in ("vae", "text_encoder") and os.path.isdir(v) and same_folder(trained[k], v))]
+    if changed and master:  # allowed, but a resumed run is then not the run it continues
+        inputs = [c for c in changed if c.split()[0] in CACHE_SETTINGS]  # other text embeddings or latents
+        print(f"{'warning' if inputs else 'note'}: resuming with changed settings: {', '.join(changed)}"
+              + (" (the model was trained on other text embeddings or latents)" if inputs else ""))
+    step, epoch, batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+    saved_world = ckpt.get("world_size", world)
+    if "world_size" not in ckpt and world > 1 and master:
+        print("note: the checkpoint does not say how many processes wrote it (older code): if not "
+              f"{world}, part of this epoch is repeated or skipped")
+    if saved_world != world:  # batch_in_epoch counts one rank's batches: rescale it to the new ranks'
+        batch_in_epoch = batch_in_epoch * saved_world // world
+        if master:
+            print(f"note: resuming a {saved_world}-process run with {world}: the epoch goes on at batch "
+                  f"{batch_in_epoch * world} of its shared batch list")
+    rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # each rank's noise/t stream (rank 0's: older runs)
+    if saved_world == world and rank < len(rng_ranks):
+        set_rng_state(rng_ranks[rank], gen)
+    else:  # no saved stream for this rank: one of its own, never a copy of rank 0's
+        set_rng_state(ckpt["rng"], gen)
+        gen.manual_seed(((cfg.seed * 1000 + rank) * 1_000_003 + step) % 2 ** 63)
+    if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
+        loss_scale.load_state_dict(ckpt["loss_scale"])
+    if master:
+        print(f"resumed from {resume_path} at step {step}")
+        for later in set_aside_later_checkpoints(cfg, step):
+            print(f"warning: {later}: a later step than the one resumed, renamed {later}.abandoned")
+    return step, epoch, batch_in_epoch
