@@ -74,7 +74,7 @@ class Config:
     depth: int = 4                     # joint single-stream blocks
     refiner_depth: int = 1             # blocks in each of the noise and context refiners
     patch_size: int = 4                # latent pixels per patch side
-    mlp_ratio: float = 2.75            # SwiGLU hidden = mlp_ratio * hidden_size
+    mlp_ratio: float = 2.75            # SwiGLU hidden = mlp_ratio * hidden_size, rounded to a multiple of 8
     fourier_refiner: bool = False      # global Fourier filter in the noise refiner blocks (shapes: off, README e36)
     fourier_final_depth: int = 0       # global Fourier filter blocks after the joint stack (0 = none)
     local_bias: bool = True            # depthwise-conv local spatial bias on image tokens
@@ -104,7 +104,7 @@ class Config:
     optimizer: str = "adamw"           # adamw (torch; fastest on CPU) | adamw8bit (bitsandbytes, less GPU memory)
     flat_8bit: str = "auto"            # adamw8bit: weights as a few flat buffers: auto (GPU; resumed: as saved)|on|off
     learning_rate: float = 1e-3        # peak learning rate
-    weight_decay: float = 0.0          # on matrices only (not norms, biases, embeddings, gates)
+    weight_decay: float = 0.0          # on weight matrices only (not norms, biases, gates, null caption, time MLP, Fourier gains)
     beta1: float = 0.9
     beta2: float = 0.99
     warmup_steps: int = 100            # linear warmup, then cosine decay to min_lr_ratio

@@ -8,7 +8,8 @@ Three conventions (cfg.latent_space), each an encode-side transform with an exac
 
 Scale and shift are always read from the VAE's own config (`scaling_factor`, `shift_factor`), never
 copied here, so a different VAE cannot silently get the wrong constants. On top, cfg.latent_norm
-divides by the data set's per-channel mean/std that preprocess.py stores in the cache manifest.
+standardises ((z - mean) / std) with the data set's per-channel statistics that preprocess.py stores in the
+cache manifest.
 
 The cache holds latents after scale/shift and before the optional mean/std (so latent_norm can be
 switched without re-encoding); `normalize` / `denormalize` apply the last step.

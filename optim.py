@@ -226,6 +226,8 @@ def optimizer_update(model, ema_model, optimizer, cfg: Config, step: int, loss_s
         loss_scale.unscale_(model.parameters())
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     finite = torch.isfinite(grad_norm)
+    # EMA warm-up (the num_updates rule of tf.train.ExponentialMovingAverage): the first EMA weights follow the
+    # model instead of staying near the random initialisation
     ema_weight = 1 - min(cfg.ema_decay, (1 + step) / (10 + step))
     if skips_on_device(optimizer):
         optimizer.found_inf = (~finite).float()

@@ -65,8 +65,8 @@ def split_for_rank(items: list, rank: int, world_size: int) -> list:
 
 
 def prepare(cfg: Config, source: str, buckets) -> tuple:
-    """(fingerprint, bucket, image resized and cropped to it, caption) for one source; Skip for bad input
-    (its .fingerprint set when the file could be stat'ed)."""
+    """(fingerprint, bucket, image resized and cropped to it, caption, fraction of its area kept) for one source;
+    Skip for bad input (its .fingerprint set when the file could be stat'ed)."""
     path = os.path.join(cfg.data_dir, source)
     try:  # taken before reading: a file replaced while it is encoded is encoded again by the next run
         fp = fingerprint(path, cfg.data_dir)
@@ -357,7 +357,7 @@ def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=pri
         new_per_bucket[key] += source in new_entries
         shapes[key] = "x".join(map(str, e["latent_shape"]))
     if new_entries or removed:
-        say(f"{'bucket (WxH)':>14} {'latents (CxhxW)':>16} {'samples':>8} {'new':>6}")
+        say(f"{'bucket (WxH)':>14} {'latents (Cxhxw)':>16} {'samples':>8} {'new':>6}")
         for key in sorted(per_bucket, key=lambda b: b[0] / b[1]):
             say(f"{key[0]:>7}x{key[1]:<6} {shapes[key]:>16} {per_bucket[key]:>8} {new_per_bucket[key]:>6}")
     full = sum(e.get("tokens", 0) >= cfg.max_token_length for e in new_entries.values())

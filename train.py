@@ -69,11 +69,13 @@ class CSVLog:
 # Validation: loss per timestep bucket on the held-out split at fixed t, and sample grids.
 
 
+N_T_BUCKETS = 4  # losses are also logged per quarter of t (as minRF does): loss_t0..3, val_loss_t0..3
 VAL_T_STEP = (5 ** 0.5 - 1) / 2  # 1 / golden ratio: consecutive samples' t far apart, all of [0, 1) covered
+VAL_NOISE_SEED = 12345  # fixed, not cfg.seed: validation losses of runs with other seeds compare
 
 
 @torch.no_grad()
-def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict:
+def validation_loss(model, val_loader, cfg: Config, device, n_buckets=N_T_BUCKETS) -> dict:
     if val_loader is None:
         return {}
     sums, counts = torch.zeros(n_buckets), torch.zeros(n_buckets)
@@ -82,7 +84,7 @@ def validation_loss(model, val_loader, cfg: Config, device, n_buckets=4) -> dict
         # seed): t = frac((i + 0.5) / golden ratio) spreads t evenly over the split, the noise is seeded with i.
         index = batch["index"]
         t = ((index.double() + 0.5) * VAL_T_STEP % 1).float().to(device)
-        eps = torch.stack([noise_like(x, cfg, torch.Generator().manual_seed(12345 + int(i)))
+        eps = torch.stack([noise_like(x, cfg, torch.Generator().manual_seed(VAL_NOISE_SEED + int(i)))
                            for x, i in zip(batch["latents"], index)])
         batch = to_device(batch, device, cfg.trim_text)
         batch["drop"] = torch.zeros_like(batch["drop"])
@@ -186,6 +188,8 @@ def run_training(cfg: Config) -> dict:
         step, epoch, batch_in_epoch = resume_run(cfg, resume_path, ckpt, model, ema_model, optimizer, loss_scale,
                                                  gen, rank, world)
 
+    # train_model (compiled, DDP-wrapped) runs forward and backward; model holds the same weights, unwrapped, for
+    # clipping, the optimiser, the EMA and checkpoints
     train_model = compile_for_training(model, cfg, device)
     host_group = None  # the collectives on host values: the default group unless that one is NCCL (GPU only)
     if world > 1:
@@ -203,11 +207,11 @@ def run_training(cfg: Config) -> dict:
         write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
         resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
         log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
-                     ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr",
+                     ["step", "epoch", "loss"] + [f"loss_t{i}" for i in range(N_T_BUCKETS)] + ["lr",
                       "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite", "loss_scale"]
                      + [f"gate_{n}" for n in gate_names])
         val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at,
-                         ["step", "val_loss", "val_loss_t0", "val_loss_t1", "val_loss_t2", "val_loss_t3"])
+                         ["step", "val_loss"] + [f"val_loss_t{i}" for i in range(N_T_BUCKETS)])
         prompts = default_val_prompts(cfg, val_set if val_loader else None)
         prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
         latent_space = LatentSpace.from_config(cfg, device=device, stats=manifest)
@@ -267,7 +271,7 @@ def run_training(cfg: Config) -> dict:
     time_frac = (time.time() - t_start) / 60 / cfg.max_minutes if cfg.max_minutes > 0 else 0.0
     t_log, images_since_log = time.time(), 0
     # running sums stay on the device: no host-device sync until a logging step
-    bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
+    bucket_sums, bucket_counts = torch.zeros(N_T_BUCKETS, device=device), torch.zeros(N_T_BUCKETS, device=device)
     loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
     # skipped (non-finite) steps since the last log line, the current run of them, the longest run
     skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
@@ -302,7 +306,8 @@ def run_training(cfg: Config) -> dict:
         use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
         # where a resume goes on if this step cannot load its batches (and the noise it draws again)
-        step_start, gen_start = (epoch, batch_in_epoch), gen.get_state() if cfg.grad_accum > 1 else None
+        step_start = (epoch, batch_in_epoch)
+        gen_start = gen.get_state() if cfg.grad_accum > 1 else None
         for micro in range(cfg.grad_accum):
             try:
                 batch = next(batches, None)
@@ -329,7 +334,7 @@ def run_training(cfg: Config) -> dict:
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
             if loss_ok is not None:
                 loss_ok = loss_ok * finite_loss
-            s, c = S.loss_per_bucket(per_sample.float(), t, 4, skip_nonfinite=True)
+            s, c = S.loss_per_bucket(per_sample.float(), t, N_T_BUCKETS, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         if load_failed:  # the last completed step is checkpointed below; this one runs again on resume
             epoch, batch_in_epoch = step_start
@@ -362,7 +367,7 @@ def run_training(cfg: Config) -> dict:
         if world > 1 and log_now:  # the logged losses are over every rank's samples, not rank 0's
             packed = torch.cat([loss_sum.reshape(1), loss_n.reshape(1).float(), bucket_sums, bucket_counts])
             dist.all_reduce(packed)
-            loss_sum, loss_n, bucket_sums, bucket_counts = packed[0], packed[1], packed[2:6], packed[6:10]
+            loss_sum, loss_n, bucket_sums, bucket_counts = packed[0], packed[1], *packed[2:].chunk(2)
         if master and log_now:
             elapsed = time.time() - t_log
             mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
@@ -371,7 +376,7 @@ def run_training(cfg: Config) -> dict:
                    "nonfinite": n_skipped, "loss_scale": loss_scale.scale.item() if loss_scale.enabled else "",
                    "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
             sums, counts = bucket_sums.tolist(), bucket_counts.tolist()
-            for i in range(4):
+            for i in range(N_T_BUCKETS):
                 row[f"loss_t{i}"] = sums[i] / counts[i] if counts[i] else ""
             for name, value in model.fourier_gate_stats().items():
                 row[f"gate_{name}"] = value
@@ -379,7 +384,7 @@ def run_training(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
             t_log, images_since_log = time.time(), 0
         if log_now:  # every rank: the next all-reduce sums the new window only
-            bucket_sums, bucket_counts = torch.zeros(4, device=device), torch.zeros(4, device=device)
+            bucket_sums, bucket_counts = torch.zeros(N_T_BUCKETS, device=device), torch.zeros(N_T_BUCKETS, device=device)
             loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
         if diverged:
             break
