@@ -208,6 +208,30 @@ def encode_device_and_dtype(cfg: Config, distributed: bool):
     return device, (torch.bfloat16 if bf16 else torch.float32)
 
 
+def plan_encoding(cfg: Config, sources: list, old_entries: dict, old_skipped: dict, say=print) -> tuple:
+    """(kept entries, kept skips, sources to encode): new or changed images, cache files gone or damaged, and
+    previously skipped images whose files changed (or whose reason may not hold any more)."""
+    kept, kept_skipped, todo = {}, {}, []
+    for source in sources:
+        try:
+            fp = fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir)
+        except OSError:  # gone since listed, a dangling link, no permission: prepare() reports it
+            fp = None
+        e, s = old_entries.get(source), old_skipped.get(source)
+        if e and e["fingerprint"] == fp and cache_file_intact(cfg.cache_dir, e):
+            kept[source] = e
+        elif e and e["fingerprint"] == fp:  # the image is unchanged but its cache file is gone or damaged
+            path = os.path.join(cfg.cache_dir, e["file"])
+            say(f"warning: {path}: cache file missing or damaged - re-encoding {source}", file=sys.stderr)
+            todo.append(source)
+        elif s and fp is not None and s["fingerprint"] == fp and s["reason"] not in RETRIED_SKIPS and (
+                s["reason"] != "too small" or s.get("max_upscale") == cfg.max_upscale):  # it would be again
+            kept_skipped[source] = s
+        else:
+            todo.append(source)
+    return kept, kept_skipped, todo
+
+
 def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, verbose: bool = True) -> dict:
     """Build or refresh cfg.cache_dir from cfg.data_dir and return the manifest.
 
@@ -255,24 +279,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     sources = find_images(cfg.data_dir, skip_dir=cfg.cache_dir)
     if not sources:
         raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
-    kept, kept_skipped, todo = {}, {}, []
-    for source in sources:
-        try:
-            fp = fingerprint(os.path.join(cfg.data_dir, source), cfg.data_dir)
-        except OSError:  # gone since listed, a dangling link, no permission: prepare() reports it
-            fp = None
-        e, s = old_entries.get(source), old_skipped.get(source)
-        if e and e["fingerprint"] == fp and cache_file_intact(cfg.cache_dir, e):
-            kept[source] = e
-        elif e and e["fingerprint"] == fp:  # the image is unchanged but its cache file is gone or damaged
-            path = os.path.join(cfg.cache_dir, e["file"])
-            say(f"warning: {path}: cache file missing or damaged - re-encoding {source}", file=sys.stderr)
-            todo.append(source)
-        elif s and fp is not None and s["fingerprint"] == fp and s["reason"] not in RETRIED_SKIPS and (
-                s["reason"] != "too small" or s.get("max_upscale") == cfg.max_upscale):  # it would be again
-            kept_skipped[source] = s
-        else:
-            todo.append(source)
+    kept, kept_skipped, todo = plan_encoding(cfg, sources, old_entries, old_skipped, say)
     removed = len(set(old_entries) - set(sources))
 
     failure = None  # what stopped encoding early: a WriteError (full disk), Ctrl-C, any other error
@@ -332,7 +339,11 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         dist.barrier()
     if failure is None:
         return manifest
-    n = len(new_entries)
+    raise_stopped(cfg, failure, len(new_entries))
+
+
+def raise_stopped(cfg: Config, failure: BaseException, n: int):
+    """Encoding stopped early after n new images (those are cached): raise why, saying how to go on."""
     if isinstance(failure, KeyboardInterrupt):  # main_guard prints "interrupted: <this>"
         raise KeyboardInterrupt(f"the {n} images encoded so far are cached; re-run to encode the rest")
     if isinstance(failure, WriteError):
