@@ -78,6 +78,30 @@ def test_padding_is_never_attended_to():
     assert not torch.allclose(model(x, t, text, torch.ones_like(mask)), ref, atol=1e-4)
 
 
+def test_a_prompt_samples_the_same_image_alone_and_batched_with_a_longer_one():
+    """End to end (guided sampler + model): a short prompt batched with a longer one (so padded, also in
+    the 2B CFG forward and against a longer negative prompt) gives the image it gives alone, unpadded."""
+    import samplers as S
+    model = perturbed(tiny()).eval()
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(2, 3, 6, 10, generator=g)                                    # non-square 3 x 5 grid
+    text = torch.randn(2, 7, TEXT_DIM, generator=g)
+    mask = torch.arange(7)[None] < torch.tensor([[3], [7]])                          # lengths 3 and 7
+    neg = torch.randn(1, 9, TEXT_DIM, generator=g)
+    neg_mask = torch.arange(9)[None] < 4
+    for prediction in ("v", "x"):
+        for scale, negative in [(1.0, None), (4.0, None), (4.0, (neg, neg_mask))]:
+            def sample(txt, msk, x, ngt):
+                fn = S.guided_velocity_fn(model, txt, msk, scale, S.Prediction(prediction),
+                                          *(ngt if ngt else (None, None)))
+                return S.sample_ode(fn, x, 3, "heun")[0]
+            batched = sample(text, mask, noise, negative)
+            alone = sample(text[:1, :3], mask[:1, :3], noise[:1],
+                           negative and (negative[0][:, :4], negative[1][:, :4]))
+            torch.testing.assert_close(alone, batched[:1], atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(sample(text[1:], mask[1:], noise[:1], negative), batched[:1], atol=1e-3)
+
+
 def test_unmasked_fast_path_matches_masked_path():
     model = perturbed(tiny())
     x, t, text, mask = inputs(lengths=(6, 6))
