@@ -10,7 +10,8 @@ Time convention, used everywhere in this repo:
 The network may predict the velocity (prediction="v") or the clean sample (prediction="x", Li & He 2025,
 "Back to Basics: Let Denoising Generative Models Denoise"), or the clean sample through EDM's skip
 connection (prediction="edm", Karras et al. 2022, see edm_coefficients); the loss and the samplers always
-work in velocity space, converting an x-prediction with v = (x_t - x0_hat) / max(t, t_min).
+work in velocity space, converting an x-prediction with v = (x_t - x0_hat) / max(t, t_min) (at t = 0
+exactly, where x0_hat = x_t carries no information, the exact field v = -x_t).
 
 Everything here is a small pure function of tensors; the model knows nothing of the schedule.
 Tensors x are (B, C, H, W) (any trailing shape works); t is a (B,) tensor or a Python float.
@@ -81,7 +82,8 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min:
     if prediction == "v":
         return out
     if prediction == "x":
-        return velocity_from_x0(x_t, out, t, t_min)
+        # at t = 0 an x-prediction says nothing (x0_hat = x_t): the exact field there is E[eps | x0] - x_t = -x_t
+        return torch.where(_per_sample(t, x_t) == 0, -x_t, velocity_from_x0(x_t, out, t, t_min))
     if prediction == "edm":
         _, _, c, d = edm_coefficients(t, x_t, sigma_data)
         return c * x_t - d * out
@@ -204,8 +206,8 @@ def euler_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.T
 
 def heun_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
     """Second order (explicit trapezoid, as in Karras et al. 2022 Alg. 1): 2 evaluations, except a step
-    that ends at t = 0, which is a plain Euler step (1 evaluation): an x-prediction's velocity is not
-    defined at t = 0, and the last step's Euler error is still O(h^2), so the order is kept."""
+    that ends at t = 0, which is a plain Euler step (1 evaluation): an x-prediction says nothing at t = 0,
+    and the last step's Euler error is still O(h^2), so the order is kept."""
     h = t_next - t
     v = _call(velocity_fn, x, t)
     x_euler = x + h * v
@@ -216,7 +218,7 @@ def heun_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Te
 
 def rk4_step(velocity_fn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
     """Classic fourth-order Runge-Kutta: 4 evaluations (the last at t_next, which is 0 on the final
-    step; an x-prediction's velocity there uses the t_min clamp)."""
+    step; an x-prediction's velocity there is the exact -x, see to_velocity)."""
     h = t_next - t
     k1 = _call(velocity_fn, x, t)
     k2 = _call(velocity_fn, x + 0.5 * h * k1, t + 0.5 * h)
