@@ -2,7 +2,8 @@
 RMSNorm, SwiGLU, attention with QK-RMSNorm, the global Fourier filter, the transformer block (attention,
 Fourier filter and local spatial bias, each switchable) and the final layer.
 
-Shapes: B batch, L text tokens, N image tokens (h x w patches), D width, nh heads, hd head dim.
+Shapes (this file): B batch, L the length of the sequence a block sees (text, image or both), T its leading
+text tokens, N image tokens (h x w patches), D width, nh heads, hd head dim.
 """
 import math
 
@@ -25,7 +26,7 @@ def joint_positions(h: int, w: int, text_len: int, device=None):
     text-to-text offsets are the same for every bucket shape.
     """
     m = max(h, w)
-    text = torch.arange(text_len, device=device) + m
+    text = torch.arange(text_len, device=device) + m              # (text_len,)
     rows = torch.arange(h, device=device).repeat_interleave(w)   # (h*w,) row-major like the patches
     cols = torch.arange(w, device=device).repeat(h)
     return torch.cat([text, rows]), torch.cat([text, cols])
@@ -91,7 +92,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        a, b = self.w12(x).chunk(2, -1)                                                  # (B, L, F) each
+        a, b = self.w12(x).chunk(2, -1)                                         # (B, L, mlp_hidden) each
         return self.w3(F.silu(a) * b)                                                    # (B, L, D)
 
 
@@ -118,9 +119,9 @@ class Attention(nn.Module):
 
 def interpolation_matrix(pos: torch.Tensor, size: int) -> torch.Tensor:
     """(len(pos), size) weights of 1D linear interpolation at fractional indices pos in [0, size-1]."""
-    lo = pos.floor().clamp(0, size - 2)
-    frac = (pos - lo)[:, None]
-    idx = torch.arange(size, device=pos.device)
+    lo = pos.floor().clamp(0, size - 2)                                 # (P,)
+    frac = (pos - lo)[:, None]                                          # (P, 1)
+    idx = torch.arange(size, device=pos.device)                         # (size,)
     return (idx == lo[:, None]) * (1 - frac) + (idx == lo[:, None] + 1) * frac
 
 
@@ -149,15 +150,15 @@ class GlobalFourierFilter(nn.Module):
         is a slow atomic scatter on GPU).
         """
         K = FOURIER_GAIN_STEPS
-        rows = interpolation_matrix((torch.fft.fftfreq(h, device=self.gain.device) + 0.5) * 2 * K, 2 * K + 1)
-        cols = interpolation_matrix(torch.fft.rfftfreq(w, device=self.gain.device) * 2 * K, K + 1)
+        rows = interpolation_matrix((torch.fft.fftfreq(h, device=self.gain.device) + 0.5) * 2 * K, 2 * K + 1)  # (h, 2K+1)
+        cols = interpolation_matrix(torch.fft.rfftfreq(w, device=self.gain.device) * 2 * K, K + 1)  # (w//2+1, K+1)
         g = rows @ self.gain[0].float() @ cols.T                          # (2D, h, w//2+1)
         return g.permute(1, 2, 0).chunk(2, -1)                           # (h, w//2+1, D) each
 
     def forward(self, x, h: int, w: int):
         B, N, D = x.shape
         spec = torch.fft.rfft2(x.float().view(B, h, w, D), dim=(1, 2), norm="ortho")      # (B, h, w//2+1, D)
-        re, im = torch.view_as_real(spec).unbind(-1)  # complex product in real arithmetic (inductor-friendly)
+        re, im = torch.view_as_real(spec).unbind(-1)  # (B, h, w//2+1, D) each: complex product in real arithmetic
         g_re, g_im = self.gain_for(h, w)
         spec = torch.view_as_complex(torch.stack([re * g_re - im * g_im, re * g_im + im * g_re], -1))
         y = torch.fft.irfft2(spec, s=(h, w), dim=(1, 2), norm="ortho")                  # (B, h, w, D)
@@ -165,7 +166,8 @@ class GlobalFourierFilter(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; AdaLN-zero modulation from t (DiT, Peebles & Xie 2023) unless unmodulated.
+    """Pre-norm transformer block; AdaLN-zero modulation (DiT, Peebles & Xie 2023) from cond = SiLU(t embedding
+    [+ pooled caption]) unless unmodulated.
 
     Token mixer: attention, optionally after a global Fourier filter (image-only blocks), or the Fourier
     filter alone (attention=False). A zero-initialised depthwise 3x3 conv on the image tokens adds a local

@@ -1,14 +1,15 @@
 """Single-stream Diffusion Transformer (DiT) for text-to-image rectified flow.
 
-    latents (B, C, H, W) -> patches -> noise refiner (image only, t-modulated) ----------+
-    text (B, L, text_dim) -> caption embed -> context refiner (text only, no t) ---+     |
-                                                                                   [text; image]
-        -> `depth` joint single-stream blocks (t-modulated, one attention over both)
+    text (B, L, text_dim) -> caption embed -> context refiner (text only, no t) ------------+
+    latents (B, C, H, W) -> patches -> noise refiner (image only, modulated) ---------------+-> [text; image]
+        -> `depth` joint single-stream blocks (modulated, one attention over both)
         -> image tokens -> Fourier final stack -> final AdaLN + linear -> unpatchify -> (B, C, H, W)
 
 Refiners before one joint stream follow Lumina-Image 2.0 / Z-Image; one sequence for text and image
 follows SD3/FLUX single-stream blocks. The model knows nothing of the noise schedule: it maps
-(x_t, t, text) to a velocity or a clean sample (cfg.prediction), the caller decides which.
+(x_t, t, text) to a velocity, a clean sample or an EDM-preconditioned output (cfg.prediction: v | x | edm),
+the caller decides which. "Modulated": AdaLN from t (+ the pooled caption, SD3). Here H, W are the latent's size
+and h, w its patch grid (H/p, W/p); L text tokens.
 
 The blocks it is built from (RoPE, attention, Fourier filter, block, final layer) are in layers.py.
 
@@ -32,6 +33,8 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 @dataclass
 class DiTConfig:
+    """The model's shape. from_config(cfg) fills every field from config.py, the one source of the values a run
+    uses; these defaults serve only a DiTConfig() built by hand."""
     in_channels: int = 3              # latent channels (3 in pixel space)
     patch_size: int = 2               # latent pixels per patch side
     hidden_size: int = 192            # transformer width D
@@ -100,7 +103,7 @@ class SingleStreamDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for m in self.time_embed[::2]:
+        for m in self.time_embed[::2]:  # the timestep MLP's two Linears: N(0, 0.02) as in DiT
             nn.init.normal_(m.weight, std=0.02)
         # AdaLN-zero: shift = scale = gate = 0 makes every block the identity, and the zero final linear
         # makes an untrained model output exactly zero (DiT, section 3.2).
@@ -126,7 +129,8 @@ class SingleStreamDiT(nn.Module):
                 self._rope_cache[key] = build()
         return self._rope_cache[key]
 
-    def _run(self, block, *args):
+    def run_block(self, block, *args):
+        """block(*args), its activations recomputed in backward when grad_checkpointing is on."""
         if self.dc.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -154,7 +158,7 @@ class SingleStreamDiT(nn.Module):
         patches = x.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, N, p * p * C)  # (B, N, p*p*C)
         img = self.patch_embed(patches.to(dtype))                                        # (B, N, D)
         if dc.abs_pos:
-            img = img + fractional_position_embedding(h, w, dc.hidden_size, x.device).to(img.dtype)
+            img = img + fractional_position_embedding(h, w, dc.hidden_size, x.device).to(img.dtype)  # + (N, D)
         t_emb = self.time_embed(timestep_features(t).to(dtype))                         # (B, D)
         cond = F.silu(t_emb)
         txt = self.caption_embed(text.to(dtype))                                         # (B, L, D)
@@ -166,7 +170,7 @@ class SingleStreamDiT(nn.Module):
         dropped = empty if drop is None else drop.bool() | empty
         only_first = torch.arange(L, device=x.device) == 0                               # (L,)
         text_mask = torch.where(dropped[:, None], only_first, text_mask)                 # (B, L)
-        txt = torch.where(dropped[:, None, None], self.null_caption.to(txt.dtype), txt)
+        txt = torch.where(dropped[:, None, None], self.null_caption.to(txt.dtype), txt)  # (B, L, D): (D,) null
         txt = txt.masked_fill(~text_mask[..., None], 0.0)  # padding content can never leak in (not even NaN)
 
         if text_padded is None:
@@ -179,7 +183,7 @@ class SingleStreamDiT(nn.Module):
 
         cos, sin = self.rope_tables(h, w, L, x.device, compute_dtype)                    # (L+N, hd/2) each
         for block in self.context_refiner:
-            txt = self._run(block, txt, None, (cos[:L], sin[:L]), text_attn_mask, (0, 0))  # (B, L, D)
+            txt = self.run_block(block, txt, None, (cos[:L], sin[:L]), text_attn_mask, (0, 0))  # (B, L, D)
         if self.dc.pooled_text:
             # Global caption summary into every block's AdaLN: attributes that hold for the whole image
             # (colours, layout words) reach all tokens directly instead of through attention alone.
@@ -187,13 +191,13 @@ class SingleStreamDiT(nn.Module):
             pooled = (txt * weights).sum(1) / weights.sum(1).clamp_min(1)                # (B, D)
             cond = F.silu(t_emb + self.pooled_embed(pooled))                             # (B, D)
         for block in self.noise_refiner:
-            img = self._run(block, img, cond, (cos[L:], sin[L:]), None, (h, w))          # (B, N, D)
+            img = self.run_block(block, img, cond, (cos[L:], sin[L:]), None, (h, w))          # (B, N, D); tables (N, hd/2)
         tokens = torch.cat([txt, img], 1)                                                # (B, L+N, D)
         for block in self.joint_blocks:
-            tokens = self._run(block, tokens, cond, (cos, sin), joint_attn_mask, (h, w))
+            tokens = self.run_block(block, tokens, cond, (cos, sin), joint_attn_mask, (h, w))
         img = tokens[:, L:]                                                              # (B, N, D)
         for block in self.final_stack:
-            img = self._run(block, img, cond, None, None, (h, w))
+            img = self.run_block(block, img, cond, None, None, (h, w))
         out = self.final_layer(img, cond)                                                # (B, N, p*p*C)
         out = out.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, H, W)   # (B, C, H, W)
         return out.to(x.dtype)

@@ -28,14 +28,14 @@ from config import SAMPLERS, ConfigError
 
 
 def _per_sample(t, x: torch.Tensor) -> torch.Tensor:
-    """t as a float, 0-d or (B,) tensor -> broadcastable against x: (B, 1, 1, 1) in x's dtype."""
+    """t as a float, 0-d or (B,) tensor -> broadcastable against x, in x's dtype: (B, 1, 1, 1) for a (B,) t, else 0-d."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     return t.reshape(-1, *([1] * (x.dim() - 1))) if t.dim() > 0 else t
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
     """x_t = (1 - t) x0 + t eps: the straight line from data (t=0) to noise (t=1)."""
-    t = _per_sample(t, x0)                                         # (B, 1, 1, 1)
+    t = _per_sample(t, x0)                                         # (B, 1, 1, 1), or () for a scalar t
     return (1 - t) * x0 + t * eps                                  # (B, C, H, W)
 
 
@@ -245,8 +245,8 @@ def sample_ode(velocity_fn, noise: torch.Tensor, steps: int, method: str = "eule
     time_grid(steps, shift) scaled by t_start.
 
     Returns (x0, nfe), nfe = the number of velocity_fn calls (one batched CFG forward counts once):
-    see nfe_for. callback(i, t_next, x_next) is called after each step i = 0..steps-1 (e.g. to plot
-    the trajectory; to_x0 turns a velocity into the current clean estimate).
+    see nfe_for. callback(i, t_next, x_next) is called after each step i = 0..steps-1 with the state x_t
+    (e.g. to plot the trajectory, as inference.ipynb does).
     """
     if method not in STEP_FUNCTIONS:
         raise ConfigError(f"sampler={method!r}: must be one of {', '.join(SAMPLERS)}")
