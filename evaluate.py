@@ -25,6 +25,8 @@ from checkpoint import write_json
 from config import ConfigError, main_guard, resolve_device
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
+MAX_SAMPLE_STEPS = 10000  # as sample.py's --steps
+MAX_PER_PAIR = 1000  # 18000 prompts
 
 
 def eval_sizes(cfg):
@@ -216,8 +218,10 @@ def main():
                    help="shapes: also score denoising of noised ground truth from several t")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
-    if (args.steps is not None and args.steps < 1) or args.per_pair < 1:
-        raise ConfigError("--steps and --per-pair must be >= 1")
+    if args.steps is not None and not 1 <= args.steps <= MAX_SAMPLE_STEPS:
+        raise ConfigError(f"--steps {args.steps}: must be from 1 to {MAX_SAMPLE_STEPS}")
+    if not 1 <= args.per_pair <= MAX_PER_PAIR:  # 18 pairs each: the prompts are encoded at once
+        raise ConfigError(f"--per-pair {args.per_pair}: must be from 1 to {MAX_PER_PAIR}")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
     from sample import check_sampling_options, load_run, run_step, with_sample_shift

@@ -61,10 +61,11 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
 
 def test_bad_arguments_are_one_line(tiny_run, tmp_path):
     for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")],
-                 ["--cfg", "nan"], ["--seed", str(2 ** 70)]):
+                 ["--cfg", "nan"], ["--seed", str(2 ** 70)], ["--steps", str(10 ** 20)], ["--per-pair", "100000"]):
         r = subprocess.run([sys.executable, "evaluate.py", tiny_run, *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
-        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, \
+            (args, r.stderr[-300:])
 
 
 def test_renoise_keeps_ground_truth_at_tiny_t_and_is_on_the_cli(tiny_run):
