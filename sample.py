@@ -25,6 +25,8 @@ from config import MAX_CFG_SCALE, ConfigError, config_from_dict, main_guard, res
 from images import Skip, decode_text
 import samplers as S
 
+MAX_IMAGE_TOKENS = 256 * 256  # --size: patches per image
+
 
 def encode_prompts(cfg, prompts, device):
     """(text (N, L, D), mask (N, L)) on device; the encoder is loaded, used and freed."""
@@ -56,6 +58,9 @@ def parse_size(text, cfg):
     if w <= 0 or h <= 0 or w % a or h % a:
         raise ConfigError(f"--size {text}: width and height must be positive multiples of {a} "
                           f"(vae_downsample {cfg.vae_downsample} x patch_size {cfg.patch_size})")
+    if (w // a) * (h // a) > MAX_IMAGE_TOKENS:  # attention over more runs out of memory, or takes hours
+        raise ConfigError(f"--size {text}: {(w // a) * (h // a)} image tokens ({a} px per patch side); at most "
+                          f"{MAX_IMAGE_TOKENS}, e.g. {256 * a}x{256 * a}")
     return w, h
 
 

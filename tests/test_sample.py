@@ -55,6 +55,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run,),
         (tiny_run, "--prompt", PROMPT, "--size", "17x16"),
         (tiny_run, "--prompt", PROMPT, "--size", "big"),
+        (tiny_run, "--prompt", PROMPT, "--size", "100000x100000"),  # not an out-of-memory traceback
         (tiny_run, "--prompts-file", str(tmp_path / "missing.txt")),
         (tiny_run, "--prompts-file", str(latin1)),
         (tiny_run, "--prompt", PROMPT, "--shift", "-1"),
