@@ -67,7 +67,8 @@ def parse_size(text, cfg):
 @torch.no_grad()
 def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
              sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False):
-    """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i."""
+    """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i (seed: an int), or
+    with seed[i] (a list of one seed per image)."""
     from latents import tensor_to_images
     text, mask = prompt_emb
     if cfg.trim_text:  # padding is never attended: cut it once for all steps (same images, faster)
@@ -81,11 +82,12 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     method = sampler or cfg.sampler
     device = text.device
     shift = sampling_shift(cfg, h // f, w // f)
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(text.shape[0])]
     images, nfe_total = [], 0
     for start in range(0, text.shape[0], batch_size):
         idx = range(start, min(start + batch_size, text.shape[0]))
         noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
-                                         generator=torch.Generator().manual_seed(seed + i)) for i in idx])
+                                         generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
         neg = None
         if negative_emb is not None:
             neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
@@ -279,7 +281,7 @@ def main():
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--out", default="out.png")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -328,7 +330,8 @@ def main():
         nt, nm = encode_prompts(cfg, [args.negative], device)
         negative = (nt.expand(len(all_prompts), -1, -1), nm.expand(len(all_prompts), -1))
     t0 = time.time()
-    images, nfe = generate(model, latent_space, (text, mask), cfg, seed=args.seed, size=size,
+    seeds = [args.seed + j for _ in prompts for j in range(args.num)]  # a prompt's images: whatever else is asked
+    images, nfe = generate(model, latent_space, (text, mask), cfg, seed=seeds, size=size,
                            steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                            negative_emb=negative, return_nfe=True)
     seconds = time.time() - t0

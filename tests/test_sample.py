@@ -278,3 +278,18 @@ def test_a_run_config_from_before_the_out_dir_check_loads(tiny_run, tmp_path):
     (run_dir / "config.json").write_text(json.dumps(dict(saved, out_dir="")))
     cfg, _ = load_run(str(run_dir))
     assert cfg.run_dir == str(run_dir)
+
+
+def test_a_prompt_gives_the_same_images_whatever_else_is_asked_for(tiny_run, tmp_path):
+    """Image j of a prompt uses seed + j: the same with the prompt alone, with --num, or after other prompts
+    (the grid shows each image upscaled by 8 in a 128 px cell: cell k's top left is image k)."""
+    other = "a small blue square in the top left on a black background"
+    alone, grid = tmp_path / "alone.png", tmp_path / "grid.png"
+    r1 = run(tiny_run, "--prompt", PROMPT, "--steps", "2", "--seed", "3", "--out", str(alone))
+    r2 = run(tiny_run, "--prompt", other, "--prompt", PROMPT, "--num", "2", "--steps", "2", "--seed", "3",
+             "--out", str(grid))
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    cells = np.asarray(Image.open(grid).convert("RGB"))
+    one = np.asarray(Image.open(alone).convert("RGB"))
+    first_of_prompt = cells[:128, 2 * 128:3 * 128][::8, ::8]  # images: other x2, then PROMPT x2
+    assert np.array_equal(first_of_prompt, one)
