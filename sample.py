@@ -308,6 +308,13 @@ def main():
     if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
             not in Image.SAVE:  # a format Pillow writes
         raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp)")
+    out_dir = os.path.dirname(os.path.abspath(args.out))  # before sampling: a bad --out loses no work
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {args.out}: cannot make its folder ({e.filename}: {e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise ConfigError(f"--out {args.out}: its folder is not writable")
     from runtime import allow_tf32
     allow_tf32()
     cfg, model = load_run(args.run_dir, device)
@@ -335,11 +342,13 @@ def main():
                            steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                            negative_emb=negative, return_nfe=True)
     seconds = time.time() - t0
-    if len(images) == 1:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        images[0].save(args.out)
-    else:
-        save_grid(images, all_prompts, args.out)
+    try:
+        if len(images) == 1:
+            images[0].save(args.out)
+        else:
+            save_grid(images, all_prompts, args.out)
+    except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
+        raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
     step = run_step(args.run_dir)
     print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
           f"({args.run_dir}{f', trained {step} steps' if step else ''})")

@@ -293,3 +293,14 @@ def test_a_prompt_gives_the_same_images_whatever_else_is_asked_for(tiny_run, tmp
     one = np.asarray(Image.open(alone).convert("RGB"))
     first_of_prompt = cells[:128, 2 * 128:3 * 128][::8, ::8]  # images: other x2, then PROMPT x2
     assert np.array_equal(first_of_prompt, one)
+
+
+def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
+    """A --out under a file is an error before any sampling; a grid too large for its format (WebP: 16383 px
+    a side) is one line naming --out, not a traceback."""
+    (tmp_path / "file.png").write_bytes(b"")
+    r = run(tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "file.png" / "x.png"))
+    assert r.returncode == 2 and r.stderr.startswith("error: --out ") and len(r.stderr.strip().splitlines()) == 1
+    assert r.stdout == "", r.stdout
+    r = run(tiny_run, "--prompt", PROMPT, "--num", "500", "--steps", "1", "--out", str(tmp_path / "big.webp"))
+    assert r.returncode == 2 and r.stderr.startswith("error: --out ") and "Traceback" not in r.stderr, r.stderr
