@@ -217,10 +217,16 @@ def load_run(run_dir, device="cpu"):
     from checkpoint import checkpoint_step, step_files
     from model import DiTConfig, SingleStreamDiT, exported_step
     cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise ConfigError(f"{run_dir}: not a run folder (no config.json); train one with train.py")
     # cfg.run_dir is where the run is now (it may have been moved or copied since it was trained)
     where = os.path.abspath(run_dir)
+    exported_here = os.path.isfile(os.path.join(run_dir, "model.safetensors"))  # its config.json is the model's
+    if exported_here or not os.path.isfile(cfg_path):
+        run = next((d for d in (os.path.dirname(where), os.path.dirname(os.path.dirname(where)))
+                    if os.path.isfile(os.path.join(d, "config.json")) and
+                    any(os.path.isdir(os.path.join(d, sub)) for sub in ("model", "checkpoints"))), None)
+        what = ("a run's exported model" if exported_here else "a file, not a run folder" if os.path.isfile(run_dir)
+                else "not a run folder (no config.json)")
+        raise ConfigError(f"{run_dir}: {what}; " + (f"give the run folder, {run}" if run else "train one with train.py"))
     try:
         with open(cfg_path, encoding="utf-8") as f:
             saved = json.load(f)

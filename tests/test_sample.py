@@ -304,3 +304,13 @@ def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
     assert r.stdout == "", r.stdout
     r = run(tiny_run, "--prompt", PROMPT, "--num", "500", "--steps", "1", "--out", str(tmp_path / "big.webp"))
     assert r.returncode == 2 and r.stderr.startswith("error: --out ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_path_inside_a_run_names_the_run_folder(tiny_run, tmp_path):
+    """The run's model/ (which has a config.json of its own), a checkpoint file or checkpoints/ given instead of
+    the run folder: one line naming the run folder to give."""
+    ckpt = sorted(os.listdir(os.path.join(tiny_run, "checkpoints")))[-1]
+    for inside in ("model", "checkpoints", os.path.join("checkpoints", ckpt)):
+        r = run(os.path.join(tiny_run, inside), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"))
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+        assert f"give the run folder, {os.path.abspath(tiny_run)}" in r.stderr, r.stderr
