@@ -302,7 +302,10 @@ def main():
             raise ConfigError(f"--prompts-file {args.prompts_file}: {e.strerror}") from None
         except Skip as e:
             raise ConfigError(f"--prompts-file: {e}") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: no prompt in it (one prompt per line)")
+        prompts += lines
     if not prompts:
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1 or (args.steps is not None and not 1 <= args.steps <= 10000):

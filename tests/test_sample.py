@@ -74,6 +74,10 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "x.png").exists()
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \r\n")
+    r = run(tiny_run, "--prompts-file", str(blank), "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and r.stderr.startswith(f"error: --prompts-file {blank}: no prompt in it"), r.stderr
 
 
 def test_checkpoint_that_does_not_match_the_config(tiny_run, tmp_path):
