@@ -83,7 +83,7 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     device = text.device
     shift = sampling_shift(cfg, h // f, w // f)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(text.shape[0])]
-    images, nfe_total = [], 0
+    images, nfe_per_image = [], 0
     for start in range(0, text.shape[0], batch_size):
         idx = range(start, min(start + batch_size, text.shape[0]))
         noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
@@ -97,8 +97,8 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
         with bf16_autocast(cfg, device):
             x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
         images += tensor_to_images(latent_space.decode(x0.float()))
-        nfe_total = nfe
-    return (images, nfe_total) if return_nfe else images
+        nfe_per_image = nfe  # every batch runs the same steps
+    return (images, nfe_per_image) if return_nfe else images
 
 
 def bf16_autocast(cfg, device):
