@@ -3,6 +3,7 @@
     python evaluate.py runs/shapes                      # shapes: pixel-analysis scores per attribute
     python evaluate.py runs/flowers --inception inception-2015-12-05.pt   # + FID on held-out images
     python evaluate.py runs/shapes --renoise            # + at which noise level attributes get lost
+    python evaluate.py runs/shapes --checkpoint 4000    # an earlier checkpoint (scores in eval/step_4000/)
 
 For the shapes data set it generates one image per fixed evaluation prompt (every attribute value,
 the held-out (colour, shape) pairs included), scores each by deterministic pixel analysis against its
@@ -212,6 +213,9 @@ def main():
     p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None,
+                   help="a step of the run (e.g. 4000) or a checkpoint file (default: the newest); scores go to "
+                        "eval/step_<N>/")
     p.add_argument("--per-pair", type=int, default=8, help="shapes: prompts per (colour, shape) pair")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
     p.add_argument("--renoise", action="store_true",
@@ -231,11 +235,12 @@ def main():
     device = resolve_device(args.device)
     from runtime import allow_tf32
     allow_tf32()
-    cfg, model = load_run(args.run_dir, device)
+    cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
-    out_dir = os.path.join(args.run_dir, "eval")
+    step = run_step(args.run_dir, args.checkpoint)
+    out_dir = os.path.join(args.run_dir, "eval", *([f"step_{step}"] if args.checkpoint is not None else []))
     os.makedirs(out_dir, exist_ok=True)
-    report = {"trained_steps": run_step(args.run_dir), "sampler": args.sampler or cfg.sampler,
+    report = {"trained_steps": step, "sampler": args.sampler or cfg.sampler,
               "steps": args.steps or cfg.sample_steps, "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg,
               "sample_shift": cfg.sample_shift}
     report_path = os.path.join(out_dir, "eval.json")

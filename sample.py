@@ -2,6 +2,7 @@
 
     python sample.py runs/shapes --prompt "a large red circle in the center on a white background"
     python sample.py runs/flowers --prompts-file prompts.txt --num 4 --steps 30 --cfg 4.0 --sampler heun
+    python sample.py runs/shapes --checkpoint 4000 --prompt "..."     # the EMA weights of the step-4000 checkpoint
 
 Loads the run's config.json and its exported EMA model (runs/<name>/model/, or the EMA weights of the
 newest checkpoint if the run has not exported yet), encodes prompts with the same text encoder and token
@@ -163,11 +164,13 @@ def stats_problem(stats, channels: int):
     return None
 
 
-def run_step(run_dir):
+def run_step(run_dir, checkpoint=None):
     """The step load_run's model was trained to: the newer of the export's and the newest checkpoint's
-    (exports from before steps were recorded: the checkpoint's), or None."""
+    (exports from before steps were recorded: the checkpoint's), or None; the given checkpoint's step."""
     from checkpoint import checkpoint_step, step_files
     from model import exported_step
+    if checkpoint is not None:
+        return checkpoint_step(find_checkpoint(run_dir, checkpoint))
     steps = [checkpoint_step(p) for p in step_files(os.path.join(run_dir, "checkpoints"))[-1:]]
     steps += [s for s in [exported_step(os.path.join(run_dir, "model"))] if s is not None]
     return max(steps) if steps else None
@@ -206,8 +209,24 @@ def save_grid(images, labels, path, cols=None, min_side=128):
     return path
 
 
-def load_run(run_dir, device="cpu"):
-    """(cfg, EMA model) of a run: model/ (the export), else the newest readable checkpoint's EMA weights.
+def find_checkpoint(run_dir, checkpoint) -> str:
+    """The checkpoint file that `checkpoint` names: a step of the run (4000, its checkpoints/step_0004000.pt)
+    or a path; a one-line error naming the steps there are."""
+    from checkpoint import checkpoint_step, step_files
+    if os.path.isfile(str(checkpoint)):
+        return str(checkpoint)
+    ckpts = step_files(os.path.join(run_dir, "checkpoints"))
+    match = [p for p in ckpts if str(checkpoint).isdigit() and checkpoint_step(p) == int(checkpoint)]
+    if not match:
+        steps = ", ".join(str(checkpoint_step(p)) for p in ckpts) or "none"
+        raise ConfigError(f"--checkpoint {checkpoint}: no such checkpoint file or step of {run_dir} (its "
+                          f"checkpoints: {steps})")
+    return match[0]
+
+
+def load_run(run_dir, device="cpu", checkpoint=None):
+    """(cfg, EMA model) of a run: model/ (the export), else the newest readable checkpoint's EMA weights;
+    with checkpoint (a step or a checkpoint file, see find_checkpoint) that checkpoint's EMA weights.
 
     A checkpoint newer than the export (a resumed run that stopped before exporting: kill -9, out of
     memory) is used instead, with a warning. A missing run, an unreadable config.json or a model that does
@@ -239,7 +258,10 @@ def load_run(run_dir, device="cpu"):
     exported = exported_step(model_dir)
     newer = [p for p in ckpts if exported is not None and checkpoint_step(p) > exported]
     problem = f"{model_dir} is from step {exported}, older than {newer[-1]}" if newer else None
-    for source in newer[::-1] + [model_dir] + [p for p in ckpts if p not in newer][::-1]:
+    sources = newer[::-1] + [model_dir] + [p for p in ckpts if p not in newer][::-1]
+    if checkpoint is not None:  # that one or a one-line error, never another
+        sources, problem = [find_checkpoint(run_dir, checkpoint)], None
+    for source in sources:
         if source == model_dir:
             if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
                 continue
@@ -260,6 +282,8 @@ def load_run(run_dir, device="cpu"):
             if not isinstance(ema, dict):
                 raise TypeError("its ema is not a state dict")
         except Exception as e:  # truncated, foreign or not a training checkpoint
+            if checkpoint is not None:
+                raise ConfigError(f"{source}: not a readable checkpoint ({type(e).__name__})") from None
             print(f"warning: {source}: not a readable checkpoint ({type(e).__name__}); trying an older one",
                   file=sys.stderr)
             continue
@@ -288,6 +312,8 @@ def main():
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
+    p.add_argument("--checkpoint", default=None,
+                   help="a step of the run (e.g. 4000) or a checkpoint file: its EMA weights (default: the newest)")
     p.add_argument("--out", default="out.png")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -326,7 +352,7 @@ def main():
         raise ConfigError(f"--out {args.out}: its folder is not writable")
     from runtime import allow_tf32
     allow_tf32()
-    cfg, model = load_run(args.run_dir, device)
+    cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
     if args.negative is not None and (cfg.cfg_scale if args.cfg is None else args.cfg) == 1:
         print("warning: --negative has no effect at --cfg 1 (no guidance)", file=sys.stderr)
@@ -358,7 +384,7 @@ def main():
             save_grid(images, all_prompts, args.out)
     except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
         raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
-    step = run_step(args.run_dir)
+    step = run_step(args.run_dir, args.checkpoint)
     print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
           f"({args.run_dir}{f', trained {step} steps' if step else ''})")
 

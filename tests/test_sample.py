@@ -318,3 +318,34 @@ def test_a_path_inside_a_run_names_the_run_folder(tiny_run, tmp_path):
         r = run(os.path.join(tiny_run, inside), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert f"give the run folder, {os.path.abspath(tiny_run)}" in r.stderr, r.stderr
+
+
+def test_checkpoint_picks_an_earlier_step(tiny_run, tmp_path):
+    """--checkpoint STEP (or a checkpoint file) samples that checkpoint's EMA weights and says its step; evaluate.py
+    scores it into eval/step_<N>/; a step the run has no checkpoint of is one line naming the ones it has."""
+    import json
+    from checkpoint import checkpoint_step, step_files
+    from sample import load_run, run_step
+    ckpts = step_files(os.path.join(tiny_run, "checkpoints"))
+    assert len(ckpts) >= 2
+    first, step = ckpts[0], checkpoint_step(ckpts[0])
+    _, model = load_run(tiny_run, checkpoint=str(step))
+    ema = torch.load(first, map_location="cpu", weights_only=False)["ema"]
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    _, newest = load_run(tiny_run)
+    assert not all(torch.equal(v, ema[k]) for k, v in newest.state_dict().items())
+    assert run_step(tiny_run, first) == step and run_step(tiny_run) > step
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    r1 = run(tiny_run, "--prompt", PROMPT, "--steps", "2", "--checkpoint", str(step), "--out", str(a))
+    r2 = run(tiny_run, "--prompt", PROMPT, "--steps", "2", "--checkpoint", first, "--out", str(b))
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    assert f"trained {step} steps" in r1.stdout
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    r = run(tiny_run, "--prompt", PROMPT, "--checkpoint", "999", "--out", str(a))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --checkpoint 999: no such checkpoint") and str(step) in r.stderr
+    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "1", "--per-pair", "1", "--checkpoint",
+                        str(step)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    report = json.load(open(os.path.join(tiny_run, "eval", f"step_{step}", "eval.json")))
+    assert report["trained_steps"] == step
