@@ -3,16 +3,18 @@
     python sample.py runs/shapes --prompt "a large red circle in the center on a white background"
     python sample.py runs/flowers --prompts-file prompts.txt --num 4 --steps 30 --cfg 4.0 --sampler heun
     python sample.py runs/shapes --checkpoint 4000 --prompt "..."     # the EMA weights of the step-4000 checkpoint
+    python sample.py runs/shapes --prompts-file p.txt --num 4 --out pngs/   # a folder: one PNG per image
 
 Loads the run's config.json and its exported EMA model (runs/<name>/model/, or the EMA weights of the
 newest checkpoint if the run has not exported yet), encodes prompts with the same text encoder and token
-length the cache was built with, samples, decodes through the run's latent space and writes one image or
-a labelled grid.
+length the cache was built with, samples, decodes through the run's latent space and writes one image, a
+labelled grid, or (--out a folder) one PNG per image. Image j of each prompt uses the noise of seed + j.
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 import textwrap
 import time
@@ -209,6 +211,13 @@ def save_grid(images, labels, path, cols=None, min_side=128):
     return path
 
 
+def image_name(k: int, prompt: str, seed: int) -> str:
+    """File name of image k in an --out folder: 0000_a-large-red-circle-in-the-center_seed0.png (the prompt
+    cut to 48 characters of letters, digits and dashes)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48].rstrip("-") or "prompt"
+    return f"{k:04d}_{slug}_seed{seed}.png"
+
+
 def find_checkpoint(run_dir, checkpoint) -> str:
     """The checkpoint file that `checkpoint` names: a step of the run (4000, its checkpoints/step_0004000.pt)
     or a path; a one-line error naming the steps there are."""
@@ -314,7 +323,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--checkpoint", default=None,
                    help="a step of the run (e.g. 4000) or a checkpoint file: its EMA weights (default: the newest)")
-    p.add_argument("--out", default="out.png")
+    p.add_argument("--out", default="out.png", help="one image, or a labelled grid of several; a folder (ending "
+                   "in /): one PNG per image, named NNNN_<prompt>_seed<S>.png")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
 
@@ -340,10 +350,11 @@ def main():
     if args.negative is not None and not args.negative.strip():
         raise ConfigError("--negative is empty: leave it out to guide away from the null caption")
     Image.init()
-    if os.path.isdir(args.out) or Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
+    separate = os.path.isdir(args.out) or args.out.endswith(("/", os.sep))  # a folder: one PNG per image
+    if not separate and Image.registered_extensions().get(os.path.splitext(args.out)[1].lower()) \
             not in Image.SAVE:  # a format Pillow writes
-        raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp)")
-    out_dir = os.path.dirname(os.path.abspath(args.out))  # before sampling: a bad --out loses no work
+        raise ConfigError(f"--out {args.out}: give an image file name (.png, .jpg, .webp) or a folder (ending in /)")
+    out_dir = os.path.abspath(args.out) if separate else os.path.dirname(os.path.abspath(args.out))
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
@@ -377,15 +388,21 @@ def main():
                            steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                            negative_emb=negative, return_nfe=True)
     seconds = time.time() - t0
+    written = args.out
     try:
-        if len(images) == 1:
+        if separate:
+            names = [image_name(k, p, s) for k, (p, s) in enumerate(zip(all_prompts, seeds))]
+            for image, name in zip(images, names):
+                image.save(os.path.join(args.out, name))
+            written = os.path.join(args.out, names[0]) + (f" ... {names[-1]}" if len(names) > 1 else "")
+        elif len(images) == 1:
             images[0].save(args.out)
         else:
             save_grid(images, all_prompts, args.out)
     except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
         raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
     step = run_step(args.run_dir, args.checkpoint)
-    print(f"wrote {args.out}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
+    print(f"wrote {written}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
           f"({args.run_dir}{f', trained {step} steps' if step else ''})")
 
 

@@ -64,7 +64,6 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--cfg", "1e308"),
         (tiny_run, "--prompt", PROMPT, "--seed", "99999999999999999999"),
         (tiny_run, "--prompt", PROMPT, "--steps", "100000000000000000000"),
-        (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path)),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
         (tiny_run, "--prompt", PROMPT, "--negative", " "),
@@ -349,3 +348,23 @@ def test_checkpoint_picks_an_earlier_step(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.load(open(os.path.join(tiny_run, "eval", f"step_{step}", "eval.json")))
     assert report["trained_steps"] == step
+
+
+def test_out_folder_writes_one_png_per_image(tiny_run, tmp_path):
+    """--out a folder: one PNG per image, named by index, prompt and seed; each the image --out FILE gives."""
+    other = "a small blue square in the top left on a black background!"
+    folder = tmp_path / "pngs"
+    r = run(tiny_run, "--prompt", PROMPT, "--prompt", other, "--num", "2", "--steps", "2", "--seed", "7",
+            "--out", str(folder) + os.sep)
+    assert r.returncode == 0, r.stderr
+    names = sorted(os.listdir(folder))
+    assert names == ["0000_a-large-red-circle-in-the-center-on-a-white-back_seed7.png",
+                     "0001_a-large-red-circle-in-the-center-on-a-white-back_seed8.png",
+                     "0002_a-small-blue-square-in-the-top-left-on-a-black-b_seed7.png",
+                     "0003_a-small-blue-square-in-the-top-left-on-a-black-b_seed8.png"], names
+    single = tmp_path / "one.png"
+    assert run(tiny_run, "--prompt", other, "--steps", "2", "--seed", "8", "--out", str(single)).returncode == 0
+    assert np.array_equal(np.asarray(Image.open(folder / names[3])), np.asarray(Image.open(single)))
+    assert Image.open(folder / names[0]).size == (16, 16)
+    r = run(tiny_run, "--prompt", PROMPT, "--steps", "1", "--out", str(folder))  # an existing folder, no slash
+    assert r.returncode == 0 and len(os.listdir(folder)) == 5, r.stderr   # 0000_..._seed0.png added
