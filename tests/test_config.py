@@ -80,7 +80,7 @@ def test_round_trip_through_dict():
 
 
 def test_script_prints_one_line_error():
-    r = subprocess.run([sys.executable, "config.py", "foo=1"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "config.py", "foo=1"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown setting 'foo'")
     assert "Traceback" not in r.stderr
