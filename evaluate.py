@@ -192,13 +192,18 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
             c, h, w = it["latents"].shape
             real.append(resize_and_crop(load_image(src), (w * cfg.vae_downsample, h * cfg.vae_downsample)))
     space = latent_space_for(cfg, device)
-    fake = []
-    for it in items:
-        c, h, w = it["latents"].shape
-        size = (w * cfg.vae_downsample, h * cfg.vae_downsample)
-        emb = it["text"][None].float().to(device), it["mask"][None].to(device)  # cached: no encoder to load
-        fake += generate(model, space, emb, cfg, seed=seed + len(fake), size=size, steps=steps, cfg_scale=cfg_scale,
-                         sampler=sampler)
+    by_bucket = {}  # latent (h, w) -> indices of the held-out items: one batched generate() per bucket
+    for i, it in enumerate(items):
+        by_bucket.setdefault(tuple(it["latents"].shape[1:]), []).append(i)
+    fake = [None] * n
+    for (h, w), idx in by_bucket.items():
+        emb = (torch.stack([items[i]["text"] for i in idx]).float().to(device),  # cached: no encoder to load
+               torch.stack([items[i]["mask"] for i in idx]).to(device))         # (n, L, D), (n, L)
+        images = generate(model, space, emb, cfg, seed=[seed + i for i in idx],  # image i: seed + i, as alone
+                          size=(w * cfg.vae_downsample, h * cfg.vae_downsample), steps=steps, cfg_scale=cfg_scale,
+                          sampler=sampler)
+        for i, image in zip(idx, images):
+            fake[i] = image
     if len(real) < 2:
         return None, "FID skipped: held-out source images not found"
     fid = frechet_distance(inception_features(net, real, device), inception_features(net, fake, device))

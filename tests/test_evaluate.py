@@ -50,8 +50,14 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
     def no_encoder(*a, **k):
         raise AssertionError("FID uses the cached caption embeddings: no text encoder is loaded")
     monkeypatch.setattr(text_encoder, "load_text_encoder", no_encoder)
+    import sample
+    calls = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k["seed"]) or generate(*a, **k))
     fid, message = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=2)
     assert fid is not None and fid >= 0 and message.startswith("FID")
+    n = int(message.split("(")[1].split()[0])                     # "FID x (n generated vs ...)"
+    assert len(calls) == 1 and calls[0] == list(range(n)) and n >= 2  # one bucket: one batched call, seed + i
     none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))
     assert none is None and "FID skipped" in message
     (tmp_path / "junk.pt").write_bytes(b"not TorchScript")
