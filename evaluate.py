@@ -221,7 +221,8 @@ def main():
     p.add_argument("--checkpoint", default=None,
                    help="a step of the run (e.g. 4000) or a checkpoint file (default: the newest); scores go to "
                         "eval/step_<N>/")
-    p.add_argument("--per-pair", type=int, default=8, help="shapes: prompts per (colour, shape) pair")
+    p.add_argument("--per-pair", type=int, default=None,
+                   help="shapes: prompts per (colour, shape) pair (default 8; --renoise: 4)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
     p.add_argument("--renoise", action="store_true",
                    help="shapes: also score denoising of noised ground truth from several t")
@@ -229,7 +230,7 @@ def main():
     args = p.parse_args()
     if args.steps is not None and not 1 <= args.steps <= MAX_SAMPLE_STEPS:
         raise ConfigError(f"--steps {args.steps}: must be from 1 to {MAX_SAMPLE_STEPS}")
-    if not 1 <= args.per_pair <= MAX_PER_PAIR:  # 18 pairs each: the prompts are encoded at once
+    if args.per_pair is not None and not 1 <= args.per_pair <= MAX_PER_PAIR:  # 18 pairs each
         raise ConfigError(f"--per-pair {args.per_pair}: must be from 1 to {MAX_PER_PAIR}")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
@@ -255,13 +256,13 @@ def main():
 
     if cfg.data_source == "shapes":
         summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,
-                                  args.per_pair)
+                                  args.per_pair or 8)
         print_table(summary)
         report["shapes"] = summary
         save_report()
         if args.renoise:
             results = renoise_shapes(cfg, model, device, steps=args.steps, cfg_scale=args.cfg,
-                                     sampler=args.sampler, seed=args.seed)
+                                     sampler=args.sampler, seed=args.seed, per_pair=args.per_pair or 4)
             print_renoise(results)
             report["renoise"] = {str(t): r for t, r in results.items()}
     elif args.renoise:

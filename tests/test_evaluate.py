@@ -85,12 +85,13 @@ def test_renoise_keeps_ground_truth_at_tiny_t_and_is_on_the_cli(tiny_run):
     # from t = 0.001 the (barely trained) model can change almost nothing: it scores as the ground truth
     assert abs(near["all"] - truth["all"]) <= 1 / 18
     assert 0.0 <= results[1.0]["overall"]["all"] <= 1.0
-    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "2", "--renoise"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "2", "--renoise", "--per-pair", "1"], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "denoising noised ground truth" in r.stdout
     report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
     assert set(report["renoise"]) == {"0.0", "0.1", "0.2", "0.3", "0.45", "0.6", "0.8", "1.0"}
+    assert report["renoise"]["0.1"]["overall"]["n"] == report["shapes"]["overall"]["n"] == 18  # --per-pair 1: both
 
 
 def test_a_grid_that_cannot_be_written_keeps_the_scores(tiny_run, monkeypatch, capsys):
