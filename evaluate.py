@@ -234,13 +234,14 @@ def main():
         raise ConfigError(f"--per-pair {args.per_pair}: must be from 1 to {MAX_PER_PAIR}")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
-    from sample import check_sampling_options, load_run, run_step, with_sample_shift
+    from sample import check_sampling_options, load_run, run_and_checkpoint, run_step, with_sample_shift
     check_sampling_options(args)
     import train as T
     from dataset import make_loader
     device = resolve_device(args.device)
     from runtime import allow_tf32
     allow_tf32()
+    args.run_dir, args.checkpoint = run_and_checkpoint(args.run_dir, args.checkpoint)
     cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
     step = run_step(args.run_dir, args.checkpoint)

@@ -3,6 +3,7 @@
     python sample.py runs/shapes --prompt "a large red circle in the center on a white background"
     python sample.py runs/flowers --prompts-file prompts.txt --num 4 --steps 30 --cfg 4.0 --sampler heun
     python sample.py runs/shapes --checkpoint 4000 --prompt "..."     # the EMA weights of the step-4000 checkpoint
+    python sample.py runs/shapes/checkpoints/step_0004000.pt --prompt "..."   # the same
     python sample.py runs/shapes --prompts-file p.txt --num 4 --out pngs/   # a folder: one PNG per image
 
 Loads the run's config.json and its exported EMA model (runs/<name>/model/, or the EMA weights of the
@@ -233,6 +234,15 @@ def find_checkpoint(run_dir, checkpoint) -> str:
     return match[0]
 
 
+def run_and_checkpoint(path, checkpoint=None) -> tuple:
+    """(run_dir, checkpoint) for what a user typed as the run: a checkpoint file of a run
+    (runs/x/checkpoints/step_0004000.pt) means that run at that checkpoint; anything else is the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if checkpoint is None and os.path.isfile(path) and path.endswith(".pt") and os.path.basename(folder) == "checkpoints":
+        return os.path.dirname(folder), path
+    return path, checkpoint
+
+
 def load_run(run_dir, device="cpu", checkpoint=None):
     """(cfg, EMA model) of a run: model/ (the export), else the newest readable checkpoint's EMA weights;
     with checkpoint (a step or a checkpoint file, see find_checkpoint) that checkpoint's EMA weights.
@@ -363,6 +373,7 @@ def main():
         raise ConfigError(f"--out {args.out}: its folder is not writable")
     from runtime import allow_tf32
     allow_tf32()
+    args.run_dir, args.checkpoint = run_and_checkpoint(args.run_dir, args.checkpoint)
     cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
     if args.negative is not None and (cfg.cfg_scale if args.cfg is None else args.cfg) == 1:

@@ -310,10 +310,9 @@ def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
 
 
 def test_a_path_inside_a_run_names_the_run_folder(tiny_run, tmp_path):
-    """The run's model/ (which has a config.json of its own), a checkpoint file or checkpoints/ given instead of
-    the run folder: one line naming the run folder to give."""
-    ckpt = sorted(os.listdir(os.path.join(tiny_run, "checkpoints")))[-1]
-    for inside in ("model", "checkpoints", os.path.join("checkpoints", ckpt)):
+    """The run's model/ (which has a config.json of its own) or checkpoints/ given instead of the run folder: one
+    line naming the run folder to give. (A checkpoint file is that checkpoint: test_checkpoint_picks_an_earlier_step.)"""
+    for inside in ("model", "checkpoints"):
         r = run(os.path.join(tiny_run, inside), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"))
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
         assert f"give the run folder, {os.path.abspath(tiny_run)}" in r.stderr, r.stderr
@@ -340,11 +339,15 @@ def test_checkpoint_picks_an_earlier_step(tiny_run, tmp_path):
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     assert f"trained {step} steps" in r1.stdout
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    c = tmp_path / "c.png"
+    r3 = run(first, "--prompt", PROMPT, "--steps", "2", "--out", str(c))   # the checkpoint file as the run
+    assert r3.returncode == 0 and f"trained {step} steps" in r3.stdout, r3.stderr
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
     r = run(tiny_run, "--prompt", PROMPT, "--checkpoint", "999", "--out", str(a))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: --checkpoint 999: no such checkpoint") and str(step) in r.stderr
-    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--steps", "1", "--per-pair", "1", "--checkpoint",
-                        str(step)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "evaluate.py", first, "--steps", "1", "--per-pair", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.load(open(os.path.join(tiny_run, "eval", f"step_{step}", "eval.json")))
     assert report["trained_steps"] == step
