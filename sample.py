@@ -29,6 +29,10 @@ from config import MAX_CFG_SCALE, ConfigError, config_from_dict, main_guard, res
 from images import Skip, decode_text
 import samplers as S
 
+# settings a checkpoint given with --checkpoint must share with the run's config.json (weights' shapes are
+# checked when they load): how its output is read, and the latents and text embeddings it was trained on
+SAMPLING_SETTINGS = ("prediction", "x_pred_t_min", "sigma_data", "latent_space", "vae", "latent_norm",
+                     "text_encoder", "text_encoder_type", "text_layer", "max_token_length")
 MAX_IMAGE_TOKENS = 256 * 256  # --size: patches per image
 
 
@@ -173,7 +177,13 @@ def run_step(run_dir, checkpoint=None):
     from checkpoint import checkpoint_step, step_files
     from model import exported_step
     if checkpoint is not None:
-        return checkpoint_step(find_checkpoint(run_dir, checkpoint))
+        path = find_checkpoint(run_dir, checkpoint)
+        if re.fullmatch(r"step_\d+\.pt", os.path.basename(path)):
+            return checkpoint_step(path)
+        try:  # a renamed copy: the step it holds
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("step")
+        except Exception:
+            return None
     steps = [checkpoint_step(p) for p in step_files(os.path.join(run_dir, "checkpoints"))[-1:]]
     steps += [s for s in [exported_step(os.path.join(run_dir, "model"))] if s is not None]
     return max(steps) if steps else None
@@ -306,6 +316,11 @@ def load_run(run_dir, device="cpu", checkpoint=None):
             print(f"warning: {source}: not a readable checkpoint ({type(e).__name__}); trying an older one",
                   file=sys.stderr)
             continue
+        trained = (state.get("config") or {}) if checkpoint is not None else {}  # another run's checkpoint?
+        differ = [k for k in SAMPLING_SETTINGS if k in trained and trained[k] != getattr(cfg, k)]
+        if differ:
+            raise ConfigError(f"{source}: not a checkpoint of {run_dir} (" + ", ".join(
+                f"{k}={trained[k]!r} there, {getattr(cfg, k)!r} here" for k in differ) + ")")
         model = SingleStreamDiT(expected)
         try:
             model.load_state_dict(ema)

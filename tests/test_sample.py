@@ -343,6 +343,14 @@ def test_checkpoint_picks_an_earlier_step(tiny_run, tmp_path):
     r3 = run(first, "--prompt", PROMPT, "--steps", "2", "--out", str(c))   # the checkpoint file as the run
     assert r3.returncode == 0 and f"trained {step} steps" in r3.stdout, r3.stderr
     assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(c)))
+    state = torch.load(first, map_location="cpu", weights_only=False)
+    torch.save(state, tmp_path / "my_copy.pt")                       # renamed: its step is read from it
+    assert run_step(tiny_run, str(tmp_path / "my_copy.pt")) == step
+    state["config"]["prediction"] = "v" if state["config"]["prediction"] != "v" else "x"
+    torch.save(state, tmp_path / "other_run.pt")                     # another run's: read the wrong way
+    r = run(tiny_run, "--prompt", PROMPT, "--checkpoint", str(tmp_path / "other_run.pt"), "--out", str(a))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"not a checkpoint of {tiny_run} (prediction=" in r.stderr
     r = run(tiny_run, "--prompt", PROMPT, "--checkpoint", "999", "--out", str(a))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("error: --checkpoint 999: no such checkpoint") and str(step) in r.stderr
