@@ -21,6 +21,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from checkpoint import write_json
 from config import ConfigError, main_guard, resolve_device
@@ -57,7 +58,7 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
             continue
         sel = torch.tensor(idx, device=text.device)
         out = generate(model, space, (text[sel], mask[sel]), cfg, seed=seed, size=size, steps=steps,
-                       cfg_scale=cfg_scale, sampler=sampler)
+                       cfg_scale=cfg_scale, sampler=sampler, progress=True)
         for i, img in zip(idx, out):
             images[i] = img
     seconds = time.time() - t0
@@ -119,7 +120,7 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
         velocity = S.guided_velocity_fn(model, sub_text, sub_mask, scale, S.Prediction.from_config(cfg))
         groups.append((idx, x0, noise, velocity, sampling_shift(cfg, *x0.shape[-2:])))
     results = {}
-    for t_start in starts:
+    for t_start in tqdm(starts, desc="renoise", unit="start t", leave=False, disable=None):
         images = [None] * len(attrs_list)
         for idx, x0, noise, velocity, shift in groups:
             x = x0
@@ -201,7 +202,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
                torch.stack([items[i]["mask"] for i in idx]).to(device))         # (n, L, D), (n, L)
         images = generate(model, space, emb, cfg, seed=[seed + i for i in idx],  # image i: seed + i, as alone
                           size=(w * cfg.vae_downsample, h * cfg.vae_downsample), steps=steps, cfg_scale=cfg_scale,
-                          sampler=sampler)
+                          sampler=sampler, progress=True)
         for i, image in zip(idx, images):
             fake[i] = image
     if len(real) < 2:

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from config import MAX_CFG_SCALE, ConfigError, config_from_dict, main_guard, resolve_device
 from images import Skip, decode_text
@@ -74,7 +75,7 @@ def parse_size(text, cfg):
 
 @torch.no_grad()
 def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
-             sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False):
+             sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False, progress=False):
     """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i (seed: an int), or
     with seed[i] (a list of one seed per image)."""
     from latents import tensor_to_images
@@ -92,6 +93,8 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     shift = sampling_shift(cfg, h // f, w // f)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(text.shape[0])]
     images, nfe_per_image = [], 0
+    # progress: a bar over the images, shown in a terminal only (disable=None), gone when done
+    bar = tqdm(total=text.shape[0], desc="sampling", unit="img", leave=False, disable=None if progress else True)
     for start in range(0, text.shape[0], batch_size):
         idx = range(start, min(start + batch_size, text.shape[0]))
         noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
@@ -106,6 +109,8 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
             x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
         images += tensor_to_images(latent_space.decode(x0.float()))
         nfe_per_image = nfe  # every batch runs the same steps
+        bar.update(len(idx))
+    bar.close()
     return (images, nfe_per_image) if return_nfe else images
 
 
@@ -412,7 +417,7 @@ def main():
     seeds = [args.seed + j for _ in prompts for j in range(args.num)]  # a prompt's images: whatever else is asked
     images, nfe = generate(model, latent_space, (text, mask), cfg, seed=seeds, size=size,
                            steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
-                           negative_emb=negative, return_nfe=True)
+                           negative_emb=negative, return_nfe=True, progress=True)
     seconds = time.time() - t0
     written = args.out
     try:

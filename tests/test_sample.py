@@ -379,3 +379,18 @@ def test_out_folder_writes_one_png_per_image(tiny_run, tmp_path):
     assert Image.open(folder / names[0]).size == (16, 16)
     r = run(tiny_run, "--prompt", PROMPT, "--steps", "1", "--out", str(folder))  # an existing folder, no slash
     assert r.returncode == 0 and len(os.listdir(folder)) == 5, r.stderr   # 0000_..._seed0.png added
+
+
+def test_generate_shows_a_progress_bar_in_a_terminal_only(tiny_run, monkeypatch):
+    import io
+    from sample import encode_prompts, generate, latent_space_for, load_run
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    cfg, model = load_run(tiny_run)
+    space, emb = latent_space_for(cfg, "cpu"), encode_prompts(cfg, [PROMPT] * 3, "cpu")
+    for stream, progress, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        generate(model, space, emb, cfg, steps=1, batch_size=2, progress=progress)
+        assert ("sampling:" in stream.getvalue() and "/3 [" in stream.getvalue()) == shown, stream.getvalue()
