@@ -367,6 +367,12 @@ def main_guard(main):
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
+    except RuntimeError as e:  # torch.OutOfMemoryError (torch is not imported here): one line, what it is
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}): fewer or smaller images at once need less",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -100,6 +100,19 @@ def validation_loss(model, val_loader, cfg: Config, device, n_buckets=N_T_BUCKET
     return row
 
 
+def out_of_memory_advice(cfg: Config, shape, device) -> str:
+    """One line for a training step that ran out of memory: where, and the settings that lower the need."""
+    B, _, h, w = shape
+    f = cfg.vae_downsample
+    hints = [f"batch_size={max(1, cfg.batch_size // 2)} grad_accum={cfg.grad_accum * 2} (the same effective batch)"]
+    if not cfg.grad_checkpointing:
+        hints.append("grad_checkpointing=true")
+    if cfg.optimizer != "adamw8bit":
+        hints.append("optimizer=adamw8bit")
+    return (f"out of memory on {device} in a step of {B} images at {w * f}x{h * f} (bucket of "
+            f"target_resolution={cfg.target_resolution}): try " + ", or ".join(hints))
+
+
 def default_val_prompts(cfg: Config, val_set) -> list:
     if cfg.val_prompts:
         return [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
@@ -277,6 +290,7 @@ def run_training(cfg: Config) -> dict:
     skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
     load_failed = None  # why a step could not load its batch (then: checkpoint, export, one-line error)
+    out_of_memory = None  # the same for a step that ran out of (GPU) memory
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -325,10 +339,20 @@ def run_training(cfg: Config) -> dict:
             batch_in_epoch += 1
             batch = to_device(batch, device, cfg.trim_text)
             sync = world == 1 or micro == cfg.grad_accum - 1
-            with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
-                loss, per_sample, t = flow_matching_loss(train_model, batch, cfg, gen,
-                                                         ema_model if use_consistency else None)
-            loss_scale.backward(loss / cfg.grad_accum)
+            try:
+                with (nullcontext() if sync else train_model.no_sync()), autocast_for(cfg, device):
+                    loss, per_sample, t = flow_matching_loss(train_model, batch, cfg, gen,
+                                                             ema_model if use_consistency else None)
+                loss_scale.backward(loss / cfg.grad_accum)
+            except torch.OutOfMemoryError:  # the weights are untouched: save the last completed step, say what to do
+                out_of_memory = out_of_memory_advice(cfg, batch["latents"].shape, device)
+                if world > 1:  # the other ranks wait in this step's all-reduce: stop the job
+                    raise ConfigError(out_of_memory) from None
+                loss = per_sample = batch = None
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
@@ -336,7 +360,7 @@ def run_training(cfg: Config) -> dict:
                 loss_ok = loss_ok * finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, N_T_BUCKETS, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
-        if load_failed:  # the last completed step is checkpointed below; this one runs again on resume
+        if load_failed or out_of_memory:  # the last completed step is checkpointed below; this one runs again on resume
             epoch, batch_in_epoch = step_start
             if gen_start is not None:  # an earlier micro-batch drew noise and t
                 gen.set_state(gen_start)
@@ -425,9 +449,9 @@ def run_training(cfg: Config) -> dict:
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
-    if load_failed:  # the step could not load its batch: the last completed step is saved
-        status = f"stopped at step {step}: a batch could not be loaded"
-        if stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop, no error
+    if load_failed or out_of_memory:  # the step could not load its batch or ran out of memory: the last completed
+        status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a batch could not be loaded")
+        if load_failed and stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop
             load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
         if master:
             try:
@@ -443,6 +467,8 @@ def run_training(cfg: Config) -> dict:
                           "last checkpoint written")
         if load_failed:
             raise CacheError(f"{load_failed} (step {step} is checkpointed: resume=auto goes on from it)")
+        if out_of_memory:
+            raise ConfigError(f"{out_of_memory} (step {step} is checkpointed: resume=auto goes on from it)")
         try:
             generate_graph.make_graphs(cfg.run_dir)
         except Exception as e:  # graphs are a convenience; never lose a run over them

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from config import ConfigError, config_from_dict, get_config, main_guard, parse_args, to_dict, PRESETS
 
@@ -99,13 +100,16 @@ def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsy
         return main
 
     for exc, code in [(ConfigError("batch_size=0: must be > 0"), 2), (FileNotFoundError("x.png: gone"), 2),
-                      (KeyboardInterrupt(), 130), (KeyboardInterrupt("the 3 images are cached"), 130)]:
+                      (KeyboardInterrupt(), 130), (KeyboardInterrupt("the 3 images are cached"), 130),
+                      (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore lines"), 2)]:
         with pytest.raises(SystemExit) as e:
             main_guard(fails(exc))
         err = capsys.readouterr().err
         assert e.value.code == code and len(err.strip().splitlines()) == 1
         assert err.startswith("error: " if code == 2 else "interrupted")
     assert main_guard(lambda: 7) == 7
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error keeps its traceback
+        main_guard(fails(RuntimeError("a bug")))
 
 
 def test_resolve_device_names_a_bad_or_missing_device():

@@ -1061,3 +1061,37 @@ def test_a_resume_from_an_older_checkpoint_sets_the_later_export_aside(tiny_data
     T.train(get_config("tiny", **dict(args, resume=step2, max_steps=3)))
     assert exported_step(os.path.join(cfg.run_dir, "model.abandoned")) == 6
     assert exported_step(os.path.join(cfg.run_dir, "model")) == 3
+
+
+def test_out_of_memory_mid_run_checkpoints_the_last_step_and_says_what_to_lower(tiny_data, tmp_path, monkeypatch):
+    """A step that runs out of (GPU) memory: one line naming the batch and the settings that need less, the
+    last completed step checkpointed and exported, and a resume goes on to the weights of a run that never
+    failed (grad_accum=2, the failure in the second micro-batch: the step's noise state is restored)."""
+    from config import ConfigError
+    args = tiny_args(tiny_data, tmp_path, max_steps=6, grad_accum=2, checkpoint_every=100)
+    straight = T.train(get_config("tiny", **dict(args, run_name="straight")))
+    real_loss, calls = T.flow_matching_loss, {"n": 0}
+
+    def loss_once_out_of_memory(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # step 4, its second micro-batch
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real_loss(*a, **k)
+    monkeypatch.setattr(T, "flow_matching_loss", loss_once_out_of_memory)
+    cfg = get_config("tiny", **dict(args, run_name="failed"))
+    with pytest.raises(ConfigError) as err:
+        T.train(cfg)
+    message = str(err.value)
+    assert message.startswith("out of memory on cpu in a step of 4 images at 16x16") and "\n" not in message
+    assert "batch_size=2 grad_accum=4" in message and "grad_checkpointing=true" in message
+    assert "step 3 is checkpointed" in message
+    assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [3]
+    from model import exported_step
+    assert exported_step(os.path.join(cfg.run_dir, "model")) == 3
+    monkeypatch.setattr(T, "flow_matching_loss", real_loss)
+    resumed = T.train(get_config("tiny", **dict(args, run_name="failed", resume="auto")))
+    assert resumed["step"] == straight["step"] == 6
+    a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
+            for n in ("straight", "failed"))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
