@@ -233,10 +233,12 @@ def run_training(cfg: Config) -> dict:
                 "latent_mean", "latent_std", "scale", "shift")})
 
     def validate_and_sample(step):
+        """Validation loss and sample grids; what cannot be done (out of memory, a damaged held-out file) is
+        skipped with a warning: it never costs the run, or the checkpoint that follows."""
         try:
             row = validation_loss(ema_model, val_loader, cfg, device)
         except Exception as e:  # a damaged held-out cache file, a DataLoader worker ended or killed
-            why = loading_failure(e)
+            why = "out of memory" if isinstance(e, torch.OutOfMemoryError) else loading_failure(e)
             if why is None:
                 raise
             row = None
@@ -245,9 +247,17 @@ def run_training(cfg: Config) -> dict:
             val_log.write({"step": step, **row})
         for tag, m in (("ema", ema_model), ("raw", model)):
             m.eval()
-            with autocast_for(cfg, device):
-                images = generate(m, latent_space, prompt_emb, cfg, seed=cfg.seed)
-            m.train()
+            try:
+                with autocast_for(cfg, device):
+                    images = generate(m, latent_space, prompt_emb, cfg, seed=cfg.seed)
+            except torch.OutOfMemoryError:
+                tqdm.write(f"warning: step {step}: {tag} sample grid skipped: out of memory (fewer val_prompts "
+                           "need less)")
+                continue
+            finally:
+                m.train()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()  # what sampling cached goes back to training
             path = os.path.join(cfg.run_dir, "samples", f"step_{step:07d}_{tag}.png")
             try:
                 save_grid(images, prompts, path)

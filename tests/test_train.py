@@ -1095,3 +1095,30 @@ def test_out_of_memory_mid_run_checkpoints_the_last_step_and_says_what_to_lower(
             for n in ("straight", "failed"))
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+
+
+def test_validation_or_sampling_out_of_memory_is_skipped_and_the_run_saved(tiny_data, tmp_path, monkeypatch, capsys):
+    """The last step's validation and sample grids come before its checkpoint: running out of memory there
+    costs a warning, not the run's final checkpoint and export."""
+    import sample
+    from model import exported_step
+
+    def out_of_memory(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+    real_generate, calls = sample.generate, {"n": 0}
+
+    def generate_raw_only(model, *a, **k):  # the EMA grid (first) runs out of memory, the raw one does not
+        calls["n"] += 1
+        return out_of_memory() if calls["n"] == 1 else real_generate(model, *a, **k)
+    monkeypatch.setattr(T, "validation_loss", out_of_memory)
+    monkeypatch.setattr(sample, "generate", generate_raw_only)
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=2, checkpoint_every=100))
+    result = T.train(cfg)
+    out = capsys.readouterr().out
+    assert result["status"] == "done" and result["step"] == 2
+    assert "step 2: validation loss skipped: out of memory" in out
+    assert "step 2: ema sample grid skipped: out of memory" in out
+    samples = os.listdir(os.path.join(cfg.run_dir, "samples"))
+    assert samples == ["step_0000002_raw.png"], samples
+    assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [2]
+    assert exported_step(os.path.join(cfg.run_dir, "model")) == 2
