@@ -35,6 +35,7 @@ import samplers as S
 SAMPLING_SETTINGS = ("prediction", "x_pred_t_min", "sigma_data", "latent_space", "vae", "latent_norm",
                      "text_encoder", "text_encoder_type", "text_layer", "max_token_length")
 MAX_IMAGE_TOKENS = 256 * 256  # --size: patches per image
+MAX_SAMPLE_STEPS = 10000  # --steps (sample.py, evaluate.py)
 
 
 def encode_prompts(cfg, prompts, device):
@@ -195,8 +196,10 @@ def run_step(run_dir, checkpoint=None):
 
 
 def check_sampling_options(args):
-    """One-line errors for --cfg / --seed values that would crash after the model is loaded, or give black
-    images (nan, inf)."""
+    """One-line errors for --steps / --cfg / --seed values that would crash after the model is loaded, run for
+    hours, or give black images (nan, inf)."""
+    if args.steps is not None and not 1 <= args.steps <= MAX_SAMPLE_STEPS:
+        raise ConfigError(f"--steps {args.steps}: must be from 1 to {MAX_SAMPLE_STEPS}")
     if args.cfg is not None and not (math.isfinite(args.cfg) and 0 <= args.cfg <= MAX_CFG_SCALE):
         raise ConfigError(f"--cfg {args.cfg}: must be a number from 0 to {MAX_CFG_SCALE} (1 = no guidance)")
     if not -2 ** 63 <= args.seed < 2 ** 63:
@@ -374,8 +377,8 @@ def main():
         prompts += lines
     if not prompts:
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
-    if args.num < 1 or (args.steps is not None and not 1 <= args.steps <= 10000):
-        raise ConfigError("--num and --steps must be >= 1 (--steps at most 10000)")
+    if args.num < 1:
+        raise ConfigError(f"--num {args.num}: must be >= 1")
     check_sampling_options(args)
     if args.negative is not None and not args.negative.strip():
         raise ConfigError("--negative is empty: leave it out to guide away from the null caption")

@@ -985,6 +985,14 @@ def test_resume_auto_without_a_readable_checkpoint_says_so_once(tiny_data, tmp_p
            f"held is moved to {cfg.run_dir}.1)" in out
 
 
+def assert_same_last_weights(args, run_a, run_b):
+    """The newest checkpoints of two tiny runs (tiny_args + run_name) hold identical weights."""
+    a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
+            for n in (run_a, run_b))
+    for k, v in a["model"].items():
+        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.parametrize("fail_at", [14, 22])
 def test_a_batch_that_fails_to_load_in_a_later_micro_batch_resumes_exactly(tiny_data, tmp_path, monkeypatch,
                                                                            fail_at):
@@ -1007,10 +1015,7 @@ def test_a_batch_that_fails_to_load_in_a_later_micro_batch_resumes_exactly(tiny_
         T.train(get_config("tiny", **dict(args, run_name="failed")))
     resumed = T.train(get_config("tiny", **dict(args, run_name="failed", resume="auto")))
     assert resumed["step"] == straight["step"] == 6
-    a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
-            for n in ("straight", "failed"))
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    assert_same_last_weights(args, "straight", "failed")
 
 
 def test_a_worker_killed_mid_step_stops_with_a_checkpoint(tiny_data, tmp_path, monkeypatch):
@@ -1091,10 +1096,7 @@ def test_out_of_memory_mid_run_checkpoints_the_last_step_and_says_what_to_lower(
     monkeypatch.setattr(T, "flow_matching_loss", real_loss)
     resumed = T.train(get_config("tiny", **dict(args, run_name="failed", resume="auto")))
     assert resumed["step"] == straight["step"] == 6
-    a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
-            for n in ("straight", "failed"))
-    for k, v in a["model"].items():
-        torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=k)
+    assert_same_last_weights(args, "straight", "failed")
 
 
 def test_validation_or_sampling_out_of_memory_is_skipped_and_the_run_saved(tiny_data, tmp_path, monkeypatch, capsys):
