@@ -5,11 +5,13 @@
     python sample.py runs/shapes --checkpoint 4000 --prompt "..."     # the EMA weights of the step-4000 checkpoint
     python sample.py runs/shapes/checkpoints/step_0004000.pt --prompt "..."   # the same
     python sample.py runs/shapes --prompts-file p.txt --num 4 --out pngs/   # a folder: one PNG per image
+    python sample.py runs/flowers --prompts-file p.txt --batch 4 --out pngs/   # fewer images per forward pass
 
 Loads the run's config.json and its exported EMA model (runs/<name>/model/, or the EMA weights of the
 newest checkpoint if the run has not exported yet), encodes prompts with the same text encoder and token
 length the cache was built with, samples, decodes through the run's latent space and writes one image, a
-labelled grid, or (--out a folder) one PNG per image. Image j of each prompt uses the noise of seed + j.
+labelled grid, or (--out a folder) one PNG per image, each batch's written as soon as it is sampled.
+Image j of each prompt uses the noise of seed + j; --batch (images per forward pass) does not change them.
 """
 import argparse
 import json
@@ -38,18 +40,25 @@ MAX_IMAGE_TOKENS = 256 * 256  # --size: patches per image
 MAX_SAMPLE_STEPS = 10000  # --steps (sample.py, evaluate.py)
 
 
-def encode_prompts(cfg, prompts, device):
-    """(text (N, L, D), mask (N, L)) on device; the encoder is loaded, used and freed."""
+def encode_prompts(cfg, prompts, device, chunk=64):
+    """(text (N, L, D), mask (N, L)) on device; the encoder is loaded, used and freed. Each distinct prompt
+    is encoded once, `chunk` at a time (a long --prompts-file never meets the encoder in one batch)."""
     from text_encoder import load_text_encoder
     if not prompts or any(not p.strip() for p in prompts):
         raise ConfigError("empty prompt: give some text to --prompt or in --prompts-file")
     encoder = load_text_encoder(cfg, device=device)
-    for prompt, n in zip(prompts, encoder.token_counts(prompts)):
+    distinct = list(dict.fromkeys(prompts))
+    for prompt, n in zip(distinct, encoder.token_counts(distinct)):
         if n > cfg.max_token_length:  # the model was trained on captions of at most this many tokens
             print(f"warning: prompt {prompt[:40]!r}{'...' if len(prompt) > 40 else ''} has {n} tokens; only the "
                   f"first {cfg.max_token_length} are used (max_token_length)", file=sys.stderr)
-    text, mask = encoder.encode(list(prompts))
+    parts = [encoder.encode(distinct[i:i + chunk]) for i in range(0, len(distinct), chunk)]
     del encoder
+    text, mask = torch.cat([t for t, _ in parts]), torch.cat([m for _, m in parts])  # (P, L, D), (P, L)
+    if len(distinct) < len(prompts):
+        where = {p: i for i, p in enumerate(distinct)}
+        index = torch.tensor([where[p] for p in prompts])
+        text, mask = text[index], mask[index]                                       # (N, L, D), (N, L)
     return text.to(device), mask.to(device)
 
 
@@ -74,11 +83,23 @@ def parse_size(text, cfg):
     return w, h
 
 
-@torch.no_grad()
 def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
              sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False, progress=False):
     """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i (seed: an int), or
-    with seed[i] (a list of one seed per image)."""
+    with seed[i] (a list of one seed per image). batch_size images share a forward pass (twice that with CFG);
+    the images do not depend on it. With return_nfe: (images, network evaluations per image)."""
+    images, nfe = [], 0
+    for _, batch, nfe in generate_batches(model, latent_space, prompt_emb, cfg, seed, size, steps, cfg_scale,
+                                          sampler, negative_emb, batch_size, callback, progress):
+        images += batch
+    return (images, nfe) if return_nfe else images
+
+
+@torch.no_grad()
+def generate_batches(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
+                     sampler=None, negative_emb=None, batch_size=16, callback=None, progress=False):
+    """generate(), a batch at a time: yields (index of the batch's first image, its images, NFE per image)
+    as each batch is decoded, so a caller can write them before the next batch is sampled."""
     from latents import tensor_to_images
     text, mask = prompt_emb
     if cfg.trim_text:  # padding is never attended: cut it once for all steps (same images, faster)
@@ -93,26 +114,26 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
     device = text.device
     shift = sampling_shift(cfg, h // f, w // f)
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(text.shape[0])]
-    images, nfe_per_image = [], 0
     # progress: a bar over the images, shown in a terminal only (disable=None), gone when done
     bar = tqdm(total=text.shape[0], desc="sampling", unit="img", leave=False, disable=None if progress else True)
-    for start in range(0, text.shape[0], batch_size):
-        idx = range(start, min(start + batch_size, text.shape[0]))
-        noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
-                                         generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
-        neg = None
-        if negative_emb is not None:
-            neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
-        velocity = S.guided_velocity_fn(model, text[idx.start:idx.stop], mask[idx.start:idx.stop], scale,
-                                        S.Prediction.from_config(cfg),
-                                        neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
-        with bf16_autocast(cfg, device):
-            x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
-        images += tensor_to_images(latent_space.decode(x0.float()))
-        nfe_per_image = nfe  # every batch runs the same steps
-        bar.update(len(idx))
-    bar.close()
-    return (images, nfe_per_image) if return_nfe else images
+    try:
+        for start in range(0, text.shape[0], batch_size):
+            idx = range(start, min(start + batch_size, text.shape[0]))
+            noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
+                                             generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
+            neg = None
+            if negative_emb is not None:
+                neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
+            velocity = S.guided_velocity_fn(model, text[idx.start:idx.stop], mask[idx.start:idx.stop], scale,
+                                            S.Prediction.from_config(cfg),
+                                            neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
+            with bf16_autocast(cfg, device):
+                x0, nfe = S.sample_ode(velocity, noise.to(device), steps, method, shift=shift, callback=callback)
+            images = tensor_to_images(latent_space.decode(x0.float()))
+            bar.update(len(idx))
+            yield start, images, nfe
+    finally:
+        bar.close()
 
 
 def bf16_autocast(cfg, device):
@@ -354,6 +375,8 @@ def main():
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass (CFG: twice as many); smaller "
+                   "needs less memory, the images are the same")
     p.add_argument("--checkpoint", default=None,
                    help="a step of the run (e.g. 4000) or a checkpoint file: its EMA weights (default: the newest)")
     p.add_argument("--out", default="out.png", help="one image, or a labelled grid of several; a folder (ending "
@@ -379,6 +402,8 @@ def main():
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1:
         raise ConfigError(f"--num {args.num}: must be >= 1")
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be >= 1")
     check_sampling_options(args)
     if args.negative is not None and not args.negative.strip():
         raise ConfigError("--negative is empty: leave it out to guide away from the null caption")
@@ -416,27 +441,45 @@ def main():
     if args.negative is not None:
         nt, nm = encode_prompts(cfg, [args.negative], device)
         negative = (nt.expand(len(all_prompts), -1, -1), nm.expand(len(all_prompts), -1))
-    t0 = time.time()
     seeds = [args.seed + j for _ in prompts for j in range(args.num)]  # a prompt's images: whatever else is asked
-    images, nfe = generate(model, latent_space, (text, mask), cfg, seed=seeds, size=size,
-                           steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
-                           negative_emb=negative, return_nfe=True, progress=True)
-    seconds = time.time() - t0
-    written = args.out
+    names = [image_name(k, p, s) for k, (p, s) in enumerate(zip(all_prompts, seeds))]
+    written = []  # --out a folder: paths of the PNGs written so far
+
+    def kept():
+        return f"; {len(written)} of {len(all_prompts)} images written to {args.out}" if written else ""
+
+    t0 = time.time()
+    images, nfe = [], 0  # --out a file: all images, for the grid; a folder: each batch written when it is done
     try:
-        if separate:
-            names = [image_name(k, p, s) for k, (p, s) in enumerate(zip(all_prompts, seeds))]
-            for image, name in zip(images, names):
-                image.save(os.path.join(args.out, name))
-            written = os.path.join(args.out, names[0]) + (f" ... {names[-1]}" if len(names) > 1 else "")
-        elif len(images) == 1:
+        for start, batch, nfe in generate_batches(model, latent_space, (text, mask), cfg, seeds, size, args.steps,
+                                                  args.cfg, args.sampler, negative, args.batch, progress=True):
+            if not separate:
+                images += batch
+                continue
+            for path, image in zip([os.path.join(args.out, n) for n in names[start:start + len(batch)]], batch):
+                try:
+                    image.save(path)
+                except OSError as e:  # a full disk: what is written stays
+                    raise ConfigError(f"{path}: not written ({e.strerror or e}){kept()}") from None
+                written.append(path)
+    except torch.OutOfMemoryError:
+        w, h = size or default_size(cfg)
+        n = min(args.batch, len(all_prompts))
+        hint = f"--batch {n // 2} needs less" if n > 1 else "a smaller --size needs less"
+        raise ConfigError(f"out of memory sampling {n} image(s) at {w}x{h} on {device}: {hint}{kept()}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(kept()[2:]) from None
+    seconds = time.time() - t0
+    try:
+        if not separate and len(images) == 1:
             images[0].save(args.out)
-        else:
+        elif not separate:
             save_grid(images, all_prompts, args.out)
     except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
         raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
+    what = f"{written[0]}{f' ... {written[-1]}' if len(written) > 1 else ''}" if separate else args.out
     step = run_step(args.run_dir, args.checkpoint)
-    print(f"wrote {written}: {len(images)} image(s), NFE {nfe}, {seconds / len(images):.3f} s/image "
+    print(f"wrote {what}: {len(all_prompts)} image(s), NFE {nfe}, {seconds / len(all_prompts):.3f} s/image "
           f"({args.run_dir}{f', trained {step} steps' if step else ''})")
 
 

@@ -67,6 +67,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "no_extension")),
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
         (tiny_run, "--prompt", PROMPT, "--negative", " "),
+        (tiny_run, "--prompt", PROMPT, "--batch", "0"),
     ]
     for args in cases:
         r = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "x.png")]))
@@ -394,3 +395,60 @@ def test_generate_shows_a_progress_bar_in_a_terminal_only(tiny_run, monkeypatch)
         monkeypatch.setattr(sys, "stderr", stream)
         generate(model, space, emb, cfg, steps=1, batch_size=2, progress=progress)
         assert ("sampling:" in stream.getvalue() and "/3 [" in stream.getvalue()) == shown, stream.getvalue()
+
+
+def test_encode_prompts_encodes_each_distinct_prompt_once_in_chunks(tiny_run, monkeypatch):
+    """Repeated prompts and chunks of a long list give what one batch of all of them gives."""
+    import text_encoder
+    from sample import encode_prompts, load_run
+    cfg, _ = load_run(tiny_run)
+    prompts = [PROMPT, "a small blue square", PROMPT, "a tiny green triangle at the bottom", "a small blue square"]
+    encoder = text_encoder.load_text_encoder(cfg, device="cpu")
+    want_text, want_mask = encoder.encode(prompts)
+    batches = []
+    real_encode = text_encoder.TextEncoder.encode
+    monkeypatch.setattr(text_encoder.TextEncoder, "encode", lambda self, c: batches.append(list(c)) or real_encode(self, c))
+    text, mask = encode_prompts(cfg, prompts, "cpu", chunk=2)
+    assert batches == [[PROMPT, "a small blue square"], ["a tiny green triangle at the bottom"]]
+    assert text.shape == want_text.shape and torch.equal(mask, want_mask)
+    torch.testing.assert_close(text, want_text, atol=1e-5, rtol=1e-5)
+
+
+def run_in_process(monkeypatch, capsys, *args):
+    """sample.py's main under main_guard in this process: (exit code, stderr)."""
+    import sample
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    try:
+        sample.main_guard(sample.main)
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", ["interrupt", "out of memory"])
+def test_out_folder_keeps_the_batches_done_before_a_failure(tiny_run, tmp_path, monkeypatch, capsys, failure):
+    """--out a folder: each batch's PNGs are written when it is done, so Ctrl-C or out of memory in the
+    second batch keeps the first one's (identical to a run that finished), and the one line says so."""
+    import samplers
+    other = "a small blue square in the top left on a black background"
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    args = ["--prompt", PROMPT, "--prompt", other, "--num", "2", "--steps", "2", "--device", "cpu"]
+    code, err = run_in_process(monkeypatch, capsys, tiny_run, *args, "--batch", "3", "--out", f"{full}/")
+    assert code == 0 and len(os.listdir(full)) == 4, err
+    real_sample_ode, calls = samplers.sample_ode, []
+
+    def failing_sample_ode(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt if failure == "interrupt" else torch.OutOfMemoryError("CUDA out of memory")
+        return real_sample_ode(*a, **k)
+    monkeypatch.setattr(samplers, "sample_ode", failing_sample_ode)
+    code, err = run_in_process(monkeypatch, capsys, tiny_run, *args, "--batch", "2", "--out", f"{cut}/")
+    assert code == (130 if failure == "interrupt" else 2), err
+    assert len(err.strip().splitlines()) == 1 and err.strip().endswith(f"2 of 4 images written to {cut}/"), err
+    if failure == "out of memory":
+        assert err.startswith("error: out of memory sampling 2 image(s) at 16x16 on cpu: --batch 1 needs less"), err
+    names = sorted(os.listdir(cut))
+    assert names == sorted(os.listdir(full))[:2]  # the first batch, the same images whatever the batch size
+    for name in names:
+        assert np.array_equal(np.asarray(Image.open(cut / name)), np.asarray(Image.open(full / name)))
