@@ -166,7 +166,8 @@ def bench_train(cfg, device, opts) -> dict:
 
 @torch.no_grad()
 def bench_sample(cfg, device, opts) -> dict:
-    """Seconds per image per NFE with CFG batched (one forward of 2B) and unbatched (two forwards of B)."""
+    """Seconds per image per NFE with CFG batched (one forward of 2B) and unbatched (two forwards of B), with
+    the preset's sampler (sampler=euler|heun|rk4) over sample_steps steps."""
     import samplers as S
     import train as T
     from model import DiTConfig, SingleStreamDiT
@@ -182,19 +183,20 @@ def bench_sample(cfg, device, opts) -> dict:
         v_c = cond(x, t)
         return v_u + cfg.cfg_scale * (v_c - v_u)
 
-    out = {}
+    out = {"sampler": cfg.sampler}
+    nfe = S.nfe_for(cfg.sampler, opts["sample_steps"])
     for name, fn in (("cfg_batched", batched), ("cfg_unbatched", unbatched)):
         def run():
             with T.autocast_for(cfg, device):
-                S.sample_ode(fn, torch.randn_like(b["latents"]), opts["sample_steps"], "euler")
+                S.sample_ode(fn, torch.randn_like(b["latents"]), opts["sample_steps"], cfg.sampler)
         run()
         sync(device)
         t0 = time.perf_counter()
         run()
         sync(device)
         sec = time.perf_counter() - t0
-        out[f"sample_{name}_s_per_image_per_nfe"] = sec / (opts["sample_batch"] * opts["sample_steps"])
-        out[f"sample_{name}_s_per_image"] = sec / opts["sample_batch"]  # at sample_steps Euler steps
+        out[f"sample_{name}_s_per_image_per_nfe"] = sec / (opts["sample_batch"] * nfe)
+        out[f"sample_{name}_s_per_image"] = sec / opts["sample_batch"]  # at sample_steps steps of the sampler
     return out
 
 

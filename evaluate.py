@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import write_json
-from config import ConfigError, main_guard, resolve_device
+from config import SAMPLERS, ConfigError, main_guard, resolve_device
 
 ATTRIBUTES = ("background", "color", "shape", "size", "position", "all")
 MAX_PER_PAIR = 1000  # 18000 prompts
@@ -215,7 +215,7 @@ def main():
     p.add_argument("run_dir")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None,

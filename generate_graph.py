@@ -1,11 +1,13 @@
 """Plot a run's training curves: python generate_graph.py runs/<name>
 
-Reads runs/<name>/log.csv (step, epoch, loss, loss_t0..loss_t3, lr, grad_norm, images_per_s, peak_mem_mb,
-gate_* ...) and val.csv when present (step, val_loss, val_loss_t0..val_loss_t3), and writes into the run
+Reads runs/<name>/log.csv (the columns of train.LOG_COLUMNS, then gate_* when the Fourier filters are on)
+and val.csv when present (step, val_loss, val_loss_t0..val_loss_t3), and writes into the run
 folder:
     loss.png        raw and EMA-smoothed training loss, learning rate on a twin axis, validation loss points
     loss_per_t.png  loss per timestep bucket (t=0 data .. t=1 noise) over training
     gates.png       Fourier gate statistics (only when the log has gate_ columns)
+    stats.png       every other numeric column (grad_norm, images_per_s, peak_mem_mb, ... and any column you
+                    add to train.LOG_COLUMNS), one small panel each; columns that never change are left out
 train.py calls make_graphs(run_dir) at the end of a run; blank cells (a value not logged that step) are gaps.
 """
 import csv
@@ -17,6 +19,7 @@ import sys
 from config import ConfigError, exit_with_help_if_asked, main_guard
 
 BUCKET_COLUMN = re.compile(r"^loss_t(\d+)$")
+PLOTTED_ELSEWHERE = ("step", "epoch", "loss", "lr")  # and loss_t*, gate_*: not in stats.png
 
 
 def read_csv_columns(path: str) -> dict:
@@ -64,8 +67,8 @@ def _bucket_label(i: int, n: int) -> str:
 
 
 def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
-    """Write loss.png, loss_per_t.png and gates.png (each when its data exists) into run_dir; return
-    their paths. A missing or empty log.csv raises ConfigError (one line naming the file)."""
+    """Write loss.png, loss_per_t.png, gates.png and stats.png (each when its data exists) into run_dir;
+    return their paths. A missing or empty log.csv raises ConfigError (one line naming the file)."""
     log_path = os.path.join(run_dir, "log.csv")
     if not os.path.isfile(log_path):
         raise ConfigError(f"{log_path}: no such file (is {run_dir!r} a run folder?)")
@@ -101,7 +104,7 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
     if positive and len(positive) == len(v) and max(positive) / min(positive) > 20:
         ax.set_yscale("log")                   # flow-matching losses fall fast early, then slowly
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (velocity MSE)")
+    ax.set_ylabel("loss (the training objective)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if "lr" in log and _points(steps, log["lr"])[0]:
@@ -152,6 +155,23 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=max(1, len(gates) // 12))
         save(fig, "gates.png")
+
+    # --- stats.png: one panel per other numeric column that changes
+    others = [name for name in log if name not in PLOTTED_ELSEWHERE and not BUCKET_COLUMN.match(name)
+              and not name.startswith("gate_") and len(set(_points(steps, log[name])[1])) > 1]
+    if others:
+        cols = min(len(others), 3)
+        rows = -(-len(others) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, others):
+            ax.plot(*_points(steps, log[name]), lw=1.0, color="tab:purple")
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(others):]:
+            ax.axis("off")
+        save(fig, "stats.png")
     return written
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import samplers as S
-from config import Config
+from config import LOSSES, Config, ConfigError
 
 
 def fourier_losses(x0_hat, x0):
@@ -35,7 +35,9 @@ def elementwise_loss(pred, target, cfg: Config):
         return (pred - target).pow(2)
     if cfg.loss == "l1":
         return (pred - target).abs()
-    return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+    if cfg.loss == "huber":
+        return F.huber_loss(pred, target, reduction="none", delta=cfg.huber_delta)
+    raise ConfigError(f"loss={cfg.loss!r}: must be one of {', '.join(LOSSES)}")
 
 
 def noise_like(x0, cfg: Config, gen):

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from config import MAX_CFG_SCALE, ConfigError, config_from_dict, main_guard, resolve_device
+from config import MAX_CFG_SCALE, SAMPLERS, ConfigError, config_from_dict, main_guard, resolve_device
 from images import Skip, decode_text
 import samplers as S
 
@@ -371,7 +371,7 @@ def main():
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale (1 = off: the prompt alone; 0 = the prompt ignored)")
-    p.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    p.add_argument("--sampler", choices=SAMPLERS, default=None)
     p.add_argument("--shift", type=float, default=None, help="time shift of the sampling grid (0 = training's)")
     p.add_argument("--size", default=None, help="WxH in pixels")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")

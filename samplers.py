@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import SAMPLERS, ConfigError
+from config import PREDICTIONS, SAMPLERS, T_SAMPLINGS, ConfigError
 
 # ----------------------------------------------------------------------------------------------------
 # Noising, targets and conversions between the two parametrisations
@@ -87,7 +87,7 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min:
     if prediction == "edm":
         _, _, c, d = edm_coefficients(t, x_t, sigma_data)
         return c * x_t - d * out
-    raise ConfigError(f"prediction={prediction!r}: must be v, x or edm")
+    raise ConfigError(f"prediction={prediction!r}: must be one of {', '.join(PREDICTIONS)}")
 
 
 def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
@@ -99,7 +99,7 @@ def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: 
     if prediction == "edm":
         a, b, _, _ = edm_coefficients(t, x_t, sigma_data)
         return a * x_t + b * out
-    raise ConfigError(f"prediction={prediction!r}: must be v, x or edm")
+    raise ConfigError(f"prediction={prediction!r}: must be one of {', '.join(PREDICTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ def sample_timesteps(batch: int, kind: str = "logit_normal", mean: float = 0.0, 
     elif kind == "logit_normal":
         t = torch.sigmoid(mean + std * torch.randn(batch, generator=generator, device=device))
     else:
-        raise ConfigError(f"t_sampling={kind!r}: must be uniform or logit_normal")
+        raise ConfigError(f"t_sampling={kind!r}: must be one of {', '.join(T_SAMPLINGS)}")
     if uniform_mix > 0 and kind != "uniform":
         pick = torch.rand(batch, generator=generator, device=device) < uniform_mix
         t = torch.where(pick, torch.rand(batch, generator=generator, device=device), t)
@@ -231,9 +231,19 @@ STEP_FUNCTIONS = {"euler": euler_step, "heun": heun_step, "rk4": rk4_step}
 assert set(STEP_FUNCTIONS) == set(SAMPLERS)
 
 
+# velocity evaluations sample_ode makes in `steps` steps (heun's last step, to t = 0, is a plain Euler step)
+NFE_FOR_STEPS = {"euler": lambda steps: steps, "heun": lambda steps: 2 * steps - 1, "rk4": lambda steps: 4 * steps}
+assert set(NFE_FOR_STEPS) == set(SAMPLERS)
+
+
 def nfe_for(method: str, steps: int) -> int:
-    """Velocity evaluations sample_ode makes: euler = steps, heun = 2*steps - 1, rk4 = 4*steps."""
-    return {"euler": steps, "heun": 2 * steps - 1, "rk4": 4 * steps}[method]
+    """Velocity evaluations sample_ode makes with this sampler and number of steps."""
+    return NFE_FOR_STEPS[method](steps)
+
+
+def steps_for_nfe(method: str, nfe: int) -> int:
+    """The most steps of this sampler within a budget of nfe evaluations (at least 1): samplers at equal NFE."""
+    return max([s for s in range(1, nfe + 1) if nfe_for(method, s) <= nfe], default=1)
 
 
 @torch.no_grad()

@@ -58,6 +58,9 @@ class CSVLog:
             writer.writerows([row.get(c, "") for c in self.columns] for row in rows)
 
     def write(self, row: dict):
+        unknown = [key for key in row if key not in self.columns]
+        if unknown:  # a field added to the row but not to the columns would be dropped without a word
+            raise ValueError(f"{self.path}: no column {', '.join(unknown)} (add it to LOG_COLUMNS in train.py)")
         try:
             with open(self.path, "a", newline="") as f:
                 csv.writer(f).writerow([row.get(c, "") for c in self.columns])
@@ -70,6 +73,11 @@ class CSVLog:
 
 
 N_T_BUCKETS = 4  # losses are also logged per quarter of t (as minRF does): loss_t0..3, val_loss_t0..3
+# log.csv's columns (then gate_<name> per Fourier gate); a new field: add it here and to the row in the loop,
+# generate_graph.py plots it in stats.png
+LOG_COLUMNS = (["step", "epoch", "loss"] + [f"loss_t{i}" for i in range(N_T_BUCKETS)]
+               + ["lr", "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite", "loss_scale"])
+VAL_COLUMNS = ["step", "val_loss"] + [f"val_loss_t{i}" for i in range(N_T_BUCKETS)]
 VAL_T_STEP = (5 ** 0.5 - 1) / 2  # 1 / golden ratio: consecutive samples' t far apart, all of [0, 1) covered
 VAL_NOISE_SEED = 12345  # fixed, not cfg.seed: validation losses of runs with other seeds compare
 
@@ -220,11 +228,8 @@ def run_training(cfg: Config) -> dict:
         write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
         resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
         log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
-                     ["step", "epoch", "loss"] + [f"loss_t{i}" for i in range(N_T_BUCKETS)] + ["lr",
-                      "grad_norm", "images_per_s", "peak_mem_mb", "nonfinite", "loss_scale"]
-                     + [f"gate_{n}" for n in gate_names])
-        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at,
-                         ["step", "val_loss"] + [f"val_loss_t{i}" for i in range(N_T_BUCKETS)])
+                     LOG_COLUMNS + [f"gate_{n}" for n in gate_names])
+        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at, VAL_COLUMNS)
         prompts = default_val_prompts(cfg, val_set if val_loader else None)
         prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
         latent_space = LatentSpace.from_config(cfg, device=device, stats=manifest)

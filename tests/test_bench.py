@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -100,3 +102,18 @@ def test_sanity_check_anneals_its_learning_rate(tiny_data, tmp_path, monkeypatch
     sanity_check(cfg, steps=10, lr=1e-3, verbose=False)
     assert len(used) == 10 and used[:5] == [1e-3] * 5 and used[-1] == 0.0
     assert all(a >= b for a, b in zip(used, used[1:]))
+
+
+def test_sampling_is_timed_with_the_configured_sampler(monkeypatch):
+    """sampler=rk4 times RK4 (it timed Euler whatever was asked), per NFE, and the figures say which."""
+    import bench
+    import samplers
+    from config import get_config
+    methods, real = [], samplers.sample_ode
+    monkeypatch.setattr(samplers, "sample_ode",
+                        lambda f, x, steps, method, **k: methods.append(method) or real(f, x, steps, method, **k))
+    opts = dict(bench.BENCH_DEFAULTS, sample_steps=2, sample_batch=2)
+    out = bench.bench_sample(get_config("tiny", sampler="rk4"), bench.resolve_device("cpu"), opts)
+    assert out["sampler"] == "rk4" and methods == ["rk4"] * 4  # warm-up and timed, batched and unbatched CFG
+    for kind in ("batched", "unbatched"):  # per NFE: 4 evaluations per RK4 step
+        assert out[f"sample_cfg_{kind}_s_per_image_per_nfe"] * 8 == pytest.approx(out[f"sample_cfg_{kind}_s_per_image"])

@@ -13,24 +13,23 @@ sys.path.insert(0, ROOT)
 
 import generate_graph as G  # noqa: E402
 from config import ConfigError  # noqa: E402
-
-LOG_COLUMNS = ["step", "epoch", "loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3", "lr", "grad_norm",
-               "images_per_s", "peak_mem_mb"]
+from train import LOG_COLUMNS  # noqa: E402
 
 
-def write_log(run_dir, rows=40, gates=("refiner0_mean", "final0_max"), blank_buckets=False):
+def write_log(run_dir, rows=40, gates=("refiner0_mean", "final0_max"), blank_buckets=False, stats=True):
+    """A log.csv with train.py's columns; stats=False: grad_norm etc. constant or blank (no stats.png)."""
     os.makedirs(run_dir, exist_ok=True)
     columns = LOG_COLUMNS + [f"gate_{g}" for g in gates]
     with open(os.path.join(run_dir, "log.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
+        w = csv.DictWriter(f, columns, restval="")
+        w.writeheader()
         for i in range(rows):
-            step = (i + 1) * 25
             loss = 0.5 * math.exp(-i / 10) + 0.05
-            buckets = ["", "", "", ""] if blank_buckets or i % 7 == 3 else \
-                [loss * (0.5 + k / 2) for k in range(4)]
-            row = [step, i // 10, loss, *buckets, 1e-3 * min(1, i / 5), 0.8, 120.0, 512.0]
-            row += ["" if i % 5 == 2 else 0.1 * j + 0.01 * i for j in range(len(gates))]
+            row = {"step": (i + 1) * 25, "epoch": i // 10, "loss": loss, "lr": 1e-3 * min(1, i / 5),
+                   "grad_norm": 0.8 + 0.01 * i * stats, "images_per_s": 120.0, "nonfinite": 0}
+            if not (blank_buckets or i % 7 == 3):
+                row.update({f"loss_t{k}": loss * (0.5 + k / 2) for k in range(4)})
+            row.update({f"gate_{g}": 0.1 * j + 0.01 * i for j, g in enumerate(gates) if i % 5 != 2})
             w.writerow(row)
     return run_dir
 
@@ -51,14 +50,14 @@ def test_writes_all_graphs(tmp_path):
         w.writerow([500, 0.3, 0.1, 0.2, "", 0.5])
         w.writerow([1000, 0.2, 0.05, 0.15, 0.2, 0.4])
     written = G.make_graphs(run)
-    assert [os.path.basename(p) for p in written] == ["loss.png", "loss_per_t.png", "gates.png"]
+    assert [os.path.basename(p) for p in written] == ["loss.png", "loss_per_t.png", "gates.png", "stats.png"]
     for p in written:
         assert_png(p)
         assert os.path.dirname(p) == run
 
 
 def test_skips_gates_and_empty_buckets(tmp_path):
-    run = write_log(str(tmp_path / "run"), gates=(), blank_buckets=True)
+    run = write_log(str(tmp_path / "run"), gates=(), blank_buckets=True, stats=False)
     written = G.make_graphs(run)
     assert [os.path.basename(p) for p in written] == ["loss.png"]
     assert_png(written[0])
@@ -97,7 +96,7 @@ def test_cli(tmp_path):
     run = write_log(str(tmp_path / "run"), rows=5)
     ok = subprocess.run([sys.executable, "generate_graph.py", run], cwd=ROOT, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    assert "wrote 3 graphs" in ok.stdout
+    assert "wrote 4 graphs" in ok.stdout
     assert_png(os.path.join(run, "loss.png"))
 
 
@@ -105,3 +104,34 @@ def test_import_does_not_load_matplotlib():
     out = subprocess.run([sys.executable, "-c", "import sys, generate_graph, samplers; "
                           "print('matplotlib' in sys.modules)"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout == "False\n", out.stderr
+
+
+def test_stats_png_plots_any_other_changing_column(tmp_path, monkeypatch):
+    """A column added to the log (here param_norm) gets a panel in stats.png without plotting code; the
+    loss, lr, bucket and gate columns and columns that never change (nonfinite 0, images_per_s) do not."""
+    import matplotlib.axes
+    run = write_log(str(tmp_path / "run"), rows=10, gates=("a_mean",))
+    with open(os.path.join(run, "log.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(os.path.join(run, "log.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]) + ["param_norm"])
+        w.writeheader()
+        w.writerows(dict(r, param_norm=10 + i) for i, r in enumerate(rows))
+    titles = []
+    real_set_title = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or real_set_title(self, label, *a, **k))
+    written = G.make_graphs(run)
+    assert os.path.basename(written[-1]) == "stats.png"
+    assert_png(written[-1])
+    assert titles[-2:] == ["grad_norm", "param_norm"], titles
+
+
+def test_a_log_row_with_a_field_that_is_not_a_column_is_an_error(tmp_path):
+    from train import CSVLog
+    log = CSVLog(str(tmp_path / "log.csv"), None, LOG_COLUMNS)
+    log.write({"step": 1, "loss": 0.5})
+    with pytest.raises(ValueError, match="no column param_norm"):  # not dropped without a word
+        log.write({"step": 2, "loss": 0.4, "param_norm": 3.0})
+    with open(tmp_path / "log.csv", newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]

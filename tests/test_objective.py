@@ -29,6 +29,18 @@ def test_fourier_losses_are_zero_for_identical_and_positive_otherwise():
     assert amp.item() > 0 and 0 < corr.item() < 2
 
 
+def test_each_loss_is_its_own_and_an_unknown_one_is_an_error():
+    from dataclasses import replace
+    from config import LOSSES, ConfigError
+    cfg, pred, target = get_config("tiny", huber_delta=0.5), torch.tensor([0.0, 0.2, 3.0]), torch.zeros(3)
+    want = {"mse": [0.0, 0.04, 9.0], "l1": [0.0, 0.2, 3.0], "huber": [0.0, 0.02, 1.375]}
+    assert set(want) == set(LOSSES)  # a new loss needs its case here
+    for name, values in want.items():
+        torch.testing.assert_close(O.elementwise_loss(pred, target, replace(cfg, loss=name)), torch.tensor(values))
+    with pytest.raises(ConfigError, match="loss='charbonnier': must be one of mse, l1, huber"):
+        O.elementwise_loss(pred, target, replace(cfg, loss="charbonnier"))  # (not silently huber)
+
+
 def test_lr_schedule_warmup_then_cosine_to_the_floor():
     cfg = get_config("tiny", learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert T.lr_at(0, cfg) == pytest.approx(0.1) and T.lr_at(9, cfg) == pytest.approx(1.0)
