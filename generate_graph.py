@@ -164,7 +164,10 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
         rows = -(-len(others) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
         for ax, name in zip(axes.flat, others):
-            ax.plot(*_points(steps, log[name]), lw=1.0, color="tab:purple")
+            s, v = _points(steps, log[name])
+            ax.plot(s, v, lw=1.0, color="tab:purple")
+            if min(v) > 0 and max(v) / min(v) > 20:
+                ax.set_yscale("log")  # e.g. a gradient norm with early spikes
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.tick_params(labelsize=7)
