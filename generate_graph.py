@@ -57,8 +57,9 @@ def ema_smooth(values: list, smoothing: float) -> list:
 
 
 def _points(steps: list, values: list):
-    """(steps, values) with the NaN cells dropped (so a sparsely logged column still draws a line)."""
-    pairs = [(s, v) for s, v in zip(steps, values) if not math.isnan(v)]
+    """(steps, values) with the blank (NaN) and infinite cells dropped (so a sparsely logged column, or one
+    with an overflowed fp16 step's inf, still draws a line)."""
+    pairs = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 

@@ -11,7 +11,8 @@ Loads the run's config.json and its exported EMA model (runs/<name>/model/, or t
 newest checkpoint if the run has not exported yet), encodes prompts with the same text encoder and token
 length the cache was built with, samples, decodes through the run's latent space and writes one image, a
 labelled grid, or (--out a folder) one PNG per image, each batch's written as soon as it is sampled.
-Image j of each prompt uses the noise of seed + j; --batch (images per forward pass) does not change them.
+Image j of each prompt uses the noise of seed + j; --batch (images per forward pass) does not change them
+(on a GPU, up to rounding).
 """
 import argparse
 import json
@@ -376,7 +377,7 @@ def main():
     p.add_argument("--size", default=None, help="WxH in pixels")
     p.add_argument("--seed", type=int, default=0, help="image j of each prompt uses seed + j")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass (CFG: twice as many); smaller "
-                   "needs less memory, the images are the same")
+                   "needs less memory, the images are the same (on a GPU up to rounding)")
     p.add_argument("--checkpoint", default=None,
                    help="a step of the run (e.g. 4000) or a checkpoint file: its EMA weights (default: the newest)")
     p.add_argument("--out", default="out.png", help="one image, or a labelled grid of several; a folder (ending "

@@ -127,6 +127,12 @@ def test_stats_png_plots_any_other_changing_column(tmp_path, monkeypatch):
     assert titles[-2:] == ["grad_norm", "param_norm"], titles
 
 
+def test_infinite_cells_are_dropped_like_blank_ones():
+    """An fp16 step that overflowed logs grad_norm inf: the line goes on through the finite points."""
+    assert G._points([1, 2, 3, 4], [2.0, math.inf, -math.inf, 3.0]) == ([1, 4], [2.0, 3.0])
+    assert G._points([1, 2], [math.nan, 1.0]) == ([2], [1.0])
+
+
 def test_a_log_row_with_a_field_that_is_not_a_column_is_an_error(tmp_path):
     from train import CSVLog
     log = CSVLog(str(tmp_path / "log.csv"), None, LOG_COLUMNS)
