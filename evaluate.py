@@ -4,6 +4,7 @@
     python evaluate.py runs/flowers --inception inception-2015-12-05.pt   # + FID on held-out images
     python evaluate.py runs/shapes --renoise            # + at which noise level attributes get lost
     python evaluate.py runs/shapes --checkpoint 4000    # an earlier checkpoint (scores in eval/step_4000/)
+    python evaluate.py runs/flowers --batch 4           # fewer images per forward pass: less GPU memory
 
 For the shapes data set it generates one image per fixed evaluation prompt (every attribute value,
 the held-out (colour, shape) pairs included), scores each by deterministic pixel analysis against its
@@ -40,7 +41,7 @@ def eval_sizes(cfg):
 
 
 def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None, seed=0, out_dir=None,
-                    per_pair=8):
+                    per_pair=8, batch_size=16):
     """Generate the evaluation prompts, score them; returns {'seen': {...}, 'held_out': {...}, ...}."""
     import shapes
     from sample import encode_prompts, generate, latent_space_for, save_grid
@@ -57,7 +58,7 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
             continue
         sel = torch.tensor(idx, device=text.device)
         out = generate(model, space, (text[sel], mask[sel]), cfg, seed=seed, size=size, steps=steps,
-                       cfg_scale=cfg_scale, sampler=sampler, progress=True)
+                       cfg_scale=cfg_scale, sampler=sampler, batch_size=batch_size, progress=True)
         for i, img in zip(idx, out):
             images[i] = img
     seconds = time.time() - t0
@@ -168,7 +169,7 @@ def inception_features(net, images, device, batch=32):
 
 
 def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None, sampler=None, seed=0,
-                 max_images=500):
+                 max_images=500, batch_size=16):
     """FID of generated images (held-out captions) against the held-out source images."""
     from dataset import CachedDataset
     from images import load_image, resize_and_crop
@@ -201,7 +202,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
                torch.stack([items[i]["mask"] for i in idx]).to(device))         # (n, L, D), (n, L)
         images = generate(model, space, emb, cfg, seed=[seed + i for i in idx],  # image i: seed + i, as alone
                           size=(w * cfg.vae_downsample, h * cfg.vae_downsample), steps=steps, cfg_scale=cfg_scale,
-                          sampler=sampler, progress=True)
+                          sampler=sampler, batch_size=batch_size, progress=True)
         for i, image in zip(idx, images):
             fake[i] = image
     if len(real) < 2:
@@ -224,12 +225,16 @@ def main():
     p.add_argument("--per-pair", type=int, default=None,
                    help="shapes: prompts per (colour, shape) pair (default 8; --renoise: 4)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
+    p.add_argument("--batch", type=int, default=16, help="images per forward pass and VAE decode (CFG: twice "
+                   "as many); smaller needs less memory, the scores are the same")
     p.add_argument("--renoise", action="store_true",
                    help="shapes: also score denoising of noised ground truth from several t")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     if args.per_pair is not None and not 1 <= args.per_pair <= MAX_PER_PAIR:  # 18 pairs each
         raise ConfigError(f"--per-pair {args.per_pair}: must be from 1 to {MAX_PER_PAIR}")
+    if args.batch < 1:
+        raise ConfigError(f"--batch {args.batch}: must be >= 1")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
     from sample import check_sampling_options, load_run, run_and_checkpoint, run_step, with_sample_shift
@@ -255,7 +260,7 @@ def main():
 
     if cfg.data_source == "shapes":
         summary = evaluate_shapes(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed, out_dir,
-                                  args.per_pair or 8)
+                                  args.per_pair or 8, args.batch)
         print_table(summary)
         report["shapes"] = summary
         save_report()
@@ -275,7 +280,7 @@ def main():
     except (FileNotFoundError, ConfigError) as e:
         print(f"validation loss skipped: {e}")
     fid, message = evaluate_fid(cfg, model, device, args.inception, args.steps, args.cfg, args.sampler,
-                                args.seed)
+                                args.seed, batch_size=args.batch)
     print(message)
     report["fid"] = fid
     save_report()

@@ -53,11 +53,13 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
     import sample
     calls = []
     generate = sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k["seed"]) or generate(*a, **k))
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
     fid, message = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=2)
     assert fid is not None and fid >= 0 and message.startswith("FID")
     n = int(message.split("(")[1].split()[0])                     # "FID x (n generated vs ...)"
-    assert len(calls) == 1 and calls[0] == list(range(n)) and n >= 2  # one bucket: one batched call, seed + i
+    assert len(calls) == 1 and calls[0]["seed"] == list(range(n)) and n >= 2  # one bucket: one batched call, seed + i
+    again, _ = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=2, batch_size=1)  # --batch 1
+    assert calls[-1]["batch_size"] == 1 and again == fid
     none, message = evaluate_fid(cfg, model, torch.device("cpu"), str(tmp_path / "missing.pt"))
     assert none is None and "FID skipped" in message
     (tmp_path / "junk.pt").write_bytes(b"not TorchScript")
@@ -67,7 +69,8 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
 
 def test_bad_arguments_are_one_line(tiny_run, tmp_path):
     for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")],
-                 ["--cfg", "nan"], ["--seed", str(2 ** 70)], ["--steps", str(10 ** 20)], ["--per-pair", "100000"]):
+                 ["--cfg", "nan"], ["--seed", str(2 ** 70)], ["--steps", str(10 ** 20)], ["--per-pair", "100000"],
+                 ["--batch", "0"]):
         r = subprocess.run([sys.executable, "evaluate.py", tiny_run, *args], cwd=ROOT, capture_output=True,
                            text=True, timeout=300)
         assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, \
@@ -115,3 +118,20 @@ def test_a_grid_that_cannot_be_written_keeps_the_scores(tiny_run, monkeypatch, c
     assert any(line.startswith("seen") for line in out.splitlines()) and "val loss" in out and "FID skipped" in out
     report = json.load(open(os.path.join(out_dir, "eval.json")))
     assert report["shapes"]["seen"]["n"] > 0 and "val" in report and not os.path.exists(grid)
+
+
+def test_batch_sets_images_per_forward_pass_not_the_scores(tiny_run, monkeypatch):
+    """--batch (batch_size) bounds the images sampled at once (less GPU memory), the scores stay the same."""
+    import samplers
+    from evaluate import evaluate_shapes
+    from sample import load_run
+    cfg, model = load_run(tiny_run)
+    batches, real = [], samplers.sample_ode
+    monkeypatch.setattr(samplers, "sample_ode", lambda f, x, *a, **k: batches.append(x.shape[0]) or real(f, x, *a, **k))
+    default = evaluate_shapes(cfg, model, torch.device("cpu"), steps=2, per_pair=1)
+    assert max(batches) > 3  # a bucket's prompts at once (fewer than 16 here)
+    batches.clear()
+    small = evaluate_shapes(cfg, model, torch.device("cpu"), steps=2, per_pair=1, batch_size=3)
+    assert max(batches) == 3 and sum(batches) == small["num_images"]
+    for part in ("seen", "held_out"):
+        assert small[part] == default[part]
