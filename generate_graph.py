@@ -158,14 +158,14 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
         save(fig, "gates.png")
 
     # --- stats.png: one panel per other numeric column that changes
-    others = [name for name in log if name not in PLOTTED_ELSEWHERE and not BUCKET_COLUMN.match(name)
-              and not name.startswith("gate_") and len(set(_points(steps, log[name])[1])) > 1]
+    others = {name: _points(steps, log[name]) for name in log if name not in PLOTTED_ELSEWHERE
+              and not BUCKET_COLUMN.match(name) and not name.startswith("gate_")}
+    others = {name: (s, v) for name, (s, v) in others.items() if len(set(v)) > 1}
     if others:
         cols = min(len(others), 3)
         rows = -(-len(others) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-        for ax, name in zip(axes.flat, others):
-            s, v = _points(steps, log[name])
+        for ax, (name, (s, v)) in zip(axes.flat, others.items()):
             ax.plot(s, v, lw=1.0, color="tab:purple")
             if min(v) > 0 and max(v) / min(v) > 20:
                 ax.set_yscale("log")  # e.g. a gradient norm with early spikes

@@ -446,7 +446,7 @@ def main():
     names = [image_name(k, p, s) for k, (p, s) in enumerate(zip(all_prompts, seeds))]
     written = []  # --out a folder: paths of the PNGs written so far
 
-    def kept():
+    def kept():  # for a message that stops the run: what stays written
         return f"; {len(written)} of {len(all_prompts)} images written to {args.out}" if written else ""
 
     t0 = time.time()
@@ -469,15 +469,16 @@ def main():
         hint = f"--batch {n // 2} needs less" if n > 1 else "a smaller --size needs less"
         raise ConfigError(f"out of memory sampling {n} image(s) at {w}x{h} on {device}: {hint}{kept()}") from None
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(kept()[2:]) from None
+        raise KeyboardInterrupt(kept().removeprefix("; ")) from None
     seconds = time.time() - t0
-    try:
-        if not separate and len(images) == 1:
-            images[0].save(args.out)
-        elif not separate:
-            save_grid(images, all_prompts, args.out)
-    except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
-        raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
+    if not separate:
+        try:
+            if len(images) == 1:
+                images[0].save(args.out)
+            else:
+                save_grid(images, all_prompts, args.out)
+        except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
+            raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
     what = f"{written[0]}{f' ... {written[-1]}' if len(written) > 1 else ''}" if separate else args.out
     step = run_step(args.run_dir, args.checkpoint)
     print(f"wrote {what}: {len(all_prompts)} image(s), NFE {nfe}, {seconds / len(all_prompts):.3f} s/image "
