@@ -20,7 +20,8 @@ truncated or empty images, missing, empty or undecodable captions, and images th
 cfg.max_upscale enlargement to fill their bucket are skipped with a one-line warning each. The
 manifest is written last and atomically, so a killed run leaves the previous cache usable; Ctrl-C, a
 full disk or any other error stops encoding with one line, and the images encoded before it are kept in
-the manifest.
+the manifest. While encoding, it is also written every PROGRESS_EVERY seconds, so a kill that no handler
+sees (SIGKILL, the out-of-memory killer, a power cut) loses at most that much work.
 """
 import os
 import signal
@@ -47,6 +48,7 @@ from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, find_images, load_i
 RETRIED_SKIPS = ("not accessible", "non-finite encoding")
 CROP_WARNING = 0.9  # images that keep less of their area than this in their bucket are counted in a warning
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
+PROGRESS_EVERY = 120  # seconds between manifests written while encoding: a SIGKILL loses at most this much
 
 
 class EncodingStopped(Exception):
@@ -123,8 +125,9 @@ def prepared_in_order(cfg: Config, todo: list, buckets):
             yield source, future.result()
 
 
-def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progress=True):
-    """Encode the sources in todo into cfg.cache_dir. Returns (new entries, skipped {source: info})."""
+def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progress=True, progress=None):
+    """Encode the sources in todo into cfg.cache_dir. Returns (new entries, skipped {source: info});
+    progress(entries, skipped), if given, is called with those so far after each batch written."""
     from latents import images_to_tensor
     buckets = make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio)
     entries, skipped = {}, {}
@@ -174,6 +177,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
                                "latent_shape": list(z.shape), "tokens": int(mask[i].sum()),
                                "area_kept": round(kept, 4), "sum": z64.sum(1).tolist(),
                                "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
+        if progress is not None:
+            progress(entries, skipped)
 
     bar = tqdm(total=len(todo), desc="encode", unit="img", disable=not show_progress, dynamic_ncols=True)
     with warnings.catch_warnings():  # entered and left by this thread only; the decoding threads just warn
@@ -287,6 +292,15 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     scale, shift = (old or {}).get("scale"), (old or {}).get("shift")
     if cfg.latent_space == "pixel":
         scale, shift = 1.0, 0.0
+
+    def make_manifest(entries, skipped):
+        entries, skipped = dict(sorted(entries.items())), dict(sorted(skipped.items()))
+        mean, std = latent_stats(entries, cfg.latent_channels)
+        return {"version": MANIFEST_VERSION, **{k: getattr(cfg, k) for k in CACHE_SETTINGS},
+                "scale": scale, "shift": shift,
+                "data_dir": cfg.data_dir, "latent_mean": mean, "latent_std": std,
+                "num_samples": len(entries), "entries": entries, "skipped": skipped}
+
     new_entries, new_skipped = {}, {}
     if todo:
         from latents import LatentSpace
@@ -300,9 +314,19 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         scale, shift = latent_space.scale, latent_space.shift
         text_encoder = load_text_encoder(cfg, device=device, dtype=dtype)
         mine = split_for_rank(todo, rank, world)
+        saved, cost = time.time(), 0.0  # when the last progress manifest was written, and how long that took
+
+        def save_progress(done, done_skipped):  # a kill that no handler sees (SIGKILL, the out-of-memory
+            nonlocal saved, cost                # killer, a power cut) keeps what this manifest names
+            if rank == 0 and time.time() - saved >= max(PROGRESS_EVERY, 20 * cost):  # a huge one: < 5% of the time
+                start = time.time()
+                write_manifest(cfg.cache_dir, make_manifest({**kept, **done}, {**kept_skipped, **done_skipped}))
+                saved = time.time()
+                cost = saved - start
+
         try:
             new_entries, new_skipped = encode_files(cfg, mine, latent_space, text_encoder,
-                                                    show_progress=verbose and rank == 0)
+                                                    show_progress=verbose and rank == 0, progress=save_progress)
         except EncodingStopped as e:  # a full disk or Ctrl-C: record what was encoded, then report
             new_entries, new_skipped, failure = e.entries, e.skipped, e.cause
         del latent_space, text_encoder
@@ -322,13 +346,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
                 and cache_file_intact(cfg.cache_dir, old_entries[source]):
             kept[source] = old_entries[source]
             del new_skipped[source]
-    entries = dict(sorted({**kept, **new_entries}.items()))
-    skipped = dict(sorted({**kept_skipped, **new_skipped}.items()))
-    mean, std = latent_stats(entries, cfg.latent_channels)
-    manifest = {"version": MANIFEST_VERSION, **{k: getattr(cfg, k) for k in CACHE_SETTINGS},
-                "scale": scale, "shift": shift,
-                "data_dir": cfg.data_dir, "latent_mean": mean, "latent_std": std,
-                "num_samples": len(entries), "entries": entries, "skipped": skipped}
+    manifest = make_manifest({**kept, **new_entries}, {**kept_skipped, **new_skipped})
+    entries = manifest["entries"]
     if rank == 0:
         if manifest != old:
             write_manifest(cfg.cache_dir, manifest)  # after every .pt file it names

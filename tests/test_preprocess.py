@@ -489,6 +489,34 @@ def test_an_interrupted_run_keeps_what_it_encoded_and_the_cache_usable(tmp_path,
         P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "c2")))
 
 
+def test_a_run_killed_outright_keeps_the_batches_of_its_last_progress_manifest(tmp_path, t5_dir, monkeypatch):
+    """SIGKILL (the out-of-memory killer, kill -9, a power cut) runs no handler: the manifest written while
+    encoding (every PROGRESS_EVERY seconds; here after every batch) names what was encoded before it."""
+    from latents import LatentSpace
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    make_image_folder(str(tmp_path / "data"), [(32, 32)] * 8)
+    calls, real = [], LatentSpace.encode
+
+    class Killed(BaseException):  # like SIGKILL: nothing catches it, nothing is written after it
+        pass
+
+    def killed_in_third_batch(self, images, normalize=True):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(self, images, normalize)
+
+    monkeypatch.setattr(P, "PROGRESS_EVERY", 0)
+    monkeypatch.setattr(LatentSpace, "encode", killed_in_third_batch)
+    with pytest.raises(Killed):
+        P.ensure_cache(cfg)
+    kept = P.load_manifest(cfg.cache_dir)  # the first batch or both (preprocess_batch_size=3): a manifest
+    assert kept is not None and len(kept["entries"]) in (3, 6)  # takes at most 5% of the time
+    monkeypatch.setattr(LatentSpace, "encode", real)
+    encoded = record_encoded(monkeypatch)
+    assert len(P.ensure_cache(cfg)["entries"]) == 8 and len(encoded) == 8 - len(kept["entries"])  # the rest only
+
+
 def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkeypatch):
     cfg = pixel_cfg(tmp_path, t5_dir, preprocess_batch_size=2)
     make_image_folder(str(tmp_path / "data"), [(32, 32)] * 7)
