@@ -18,7 +18,7 @@ import sys
 import unicodedata
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, JpegImagePlugin
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")  # GIF/TIFF: frame 1
 CAPTION_EXTS = (".txt", ".caption")
@@ -102,6 +102,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def open_image(path: str, min_side: int = 0) -> Image.Image:
+    """Image.open; with min_side, a JPEG past Pillow's decompression-bomb limit (a stitched panorama, a scan)
+    is opened anyway: load_image decodes it at a reduced scale (a 190 MP one at 1/8 for a 32 px bucket)."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        if not min_side:
+            raise
+        try:
+            return JpegImagePlugin.JpegImageFile(path)  # JPEG's own opener: the size is not checked
+        except Exception:
+            raise e from None
+
+
 def load_image(path: str, min_side: int = 0) -> Image.Image:
     """An RGB image with its EXIF orientation applied; Skip for files that cannot be decoded.
 
@@ -112,8 +126,8 @@ def load_image(path: str, min_side: int = 0) -> Image.Image:
     try:
         if os.path.getsize(path) == 0:
             raise Skip("unreadable", "empty file (0 bytes)")
-        with Image.open(path) as img:
-            if min_side and img.format == "JPEG":
+        with open_image(path, min_side) as img:
+            if min_side and img.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with a depth map or gain map
                 img.draft(img.mode, (min_side, min_side))
             img.load()  # decode now, so a truncated file fails here
             img = ImageOps.exif_transpose(img)

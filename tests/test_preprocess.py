@@ -184,6 +184,24 @@ def test_big_jpegs_decode_at_a_reduced_scale_with_the_same_result(tmp_path):
         assert np.abs(a - b).mean() < 1.0 and np.abs(a - b).max() <= 6
 
 
+def test_jpegs_past_the_decompression_bomb_limit_and_phone_mpo_jpegs_decode_at_a_reduced_scale(tmp_path,
+                                                                                            monkeypatch):
+    """A 190 MP panorama JPEG decodes at 1/8 scale (was skipped as a decompression bomb); other formats that
+    big are still skipped. A phone's MPO JPEG (a depth or gain map after the photo) decodes reduced too."""
+    smooth = Image.fromarray(np.asarray(make_image(80, 60).resize((400, 300), Image.BICUBIC)))
+    smooth.save(tmp_path / "pano.jpg", quality=95)
+    smooth.save(tmp_path / "pano.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 300 // 3)  # both are past 2x Pillow's limit now
+    assert images.load_image(str(tmp_path / "pano.jpg"), min_side=32).size == (50, 38)
+    for name, min_side in [("pano.jpg", 0), ("pano.png", 32)]:
+        with pytest.raises(images.Skip, match="DecompressionBombError"):
+            images.load_image(str(tmp_path / name), min_side=min_side)
+    monkeypatch.undo()
+    smooth.save(tmp_path / "phone.jpg", save_all=True, append_images=[smooth.convert("L")], format="MPO")
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    assert images.load_image(str(tmp_path / "phone.jpg"), min_side=64).size == (100, 75)
+
+
 def test_captions_from_a_hugging_face_metadata_file(tmp_path, t5_dir, monkeypatch):
     """imagefolder layout: metadata.jsonl (or .csv) with file_name + text/caption/prompt, relative to its
     folder; a .txt beside an image wins; editing one row re-encodes that image only."""
