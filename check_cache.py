@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from config import ConfigError, main_guard, parse_args
-from images import Skip, load_image, resize_and_crop
+from images import Skip, decode_min_side, load_image, make_buckets, resize_and_crop
 from cache import CacheError, check_manifest, load_manifest
 
 
@@ -97,6 +97,7 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> tuple:
     written, not_written = [], []
     data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from, if still there
     data_dir = data_dir if os.path.isdir(data_dir) else cfg.data_dir
+    min_side = decode_min_side(make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio))
     for source in tqdm(picks, desc="decode", unit="img"):
         e = manifest["entries"][source]
         stem = os.path.splitext(e["file"])[0]
@@ -116,7 +117,8 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> tuple:
         written.append(decoded_path)
         line = f"{source}: {decoded_path}"
         try:
-            src = resize_and_crop(load_image(os.path.join(data_dir, source)), tuple(e["bucket"]))
+            src = resize_and_crop(load_image(os.path.join(data_dir, source), min_side),  # as preprocess
+                                  tuple(e["bucket"]))
         except (Skip, OSError) as err:
             tqdm.write(line + f" (source unavailable: {err})")
             continue

@@ -59,6 +59,12 @@ def bucket_for(width: int, height: int, buckets) -> tuple:
     return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
 
 
+def decode_min_side(buckets) -> int:
+    """load_image's min_side for these buckets: twice the largest side, so the Lanczos resize after a
+    reduced-scale JPEG decode still shrinks by 2x or more."""
+    return 2 * max(max(b) for b in buckets)
+
+
 def upscale_needed(width: int, height: int, bucket) -> float:
     """How much an image must be enlarged to cover the bucket (<= 1: it is only shrunk)."""
     return max(bucket[0] / width, bucket[1] / height)

@@ -41,8 +41,8 @@ from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreada
                    write_manifest)
 from checkpoint import WriteError, write_atomic
 from config import Config, main_guard, native_bf16, parse_args, resolve_device
-from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, find_images, load_image, make_buckets, read_caption,
-                    resize_and_crop, upscale_needed)
+from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, decode_min_side, find_images, load_image, make_buckets,
+                    read_caption, resize_and_crop, upscale_needed)
 
 # tried again every run: a permission may be fixed, a file come back, the precision be changed
 RETRIED_SKIPS = ("not accessible", "non-finite encoding")
@@ -76,7 +76,7 @@ def prepare(cfg: Config, source: str, buckets) -> tuple:
         raise Skip("not accessible", f"cannot read it ({e.strerror or e})") from None
     try:  # any failure from here on is this file's: a Skip with its fingerprint
         caption = read_caption(path, cfg.data_dir)
-        img = load_image(path, min_side=2 * max(max(b) for b in buckets))  # big JPEGs decode at a reduced scale
+        img = load_image(path, min_side=decode_min_side(buckets))  # big JPEGs decode at a reduced scale
         bucket = bucket_for(img.width, img.height, buckets)
         up = upscale_needed(img.width, img.height, bucket)
         if up > cfg.max_upscale:

@@ -859,3 +859,23 @@ def test_a_mistyped_local_model_folder_is_not_called_a_hub_id(tiny_data, tmp_pat
         with pytest.raises(ConfigError) as e:
             P.main()
         assert str(e.value) == f"{key}={missing!r}: no such folder"
+
+
+def test_check_cache_compares_with_the_image_as_preprocess_decoded_it(tmp_path, t5_dir, monkeypatch, capsys):
+    """A big JPEG is encoded from its reduced-scale decode: --decode compares with that one (pixel space:
+    lossless, PSNR inf; was ~53 dB against the full decode, which looks like a damaged cache)."""
+    import check_cache
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    os.makedirs(cfg.data_dir)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC).save(
+        os.path.join(cfg.data_dir, "photo.jpg"), quality=95)
+    (tmp_path / "data" / "photo.txt").write_text("a photo")
+    P.ensure_cache(cfg)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny"] + [f"{k}={getattr(cfg, k)}" for k in (
+        "data_source", "data_dir", "cache_dir", "target_resolution", "text_encoder", "text_dim", "max_token_length")]
+        + ["--decode", "1"])
+    check_cache.main()
+    line = next(line for line in capsys.readouterr().out.splitlines() if "photo.jpg: " in line)
+    assert line.endswith("PSNR inf dB"), line
