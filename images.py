@@ -22,6 +22,9 @@ from PIL import Image, ImageOps, JpegImagePlugin
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")  # GIF/TIFF: frame 1
 CAPTION_EXTS = (".txt", ".caption")
+# images in formats load_image does not read: named in one warning, not left out silently (iPhone HEIC, RAW)
+OTHER_IMAGE_EXTS = (".heic", ".heif", ".jxl", ".jp2", ".svg", ".psd", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                    ".raf", ".orf", ".rw2", ".exr", ".hdr")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder captions, one file per folder
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 
@@ -282,8 +285,9 @@ def read_caption(image_path: str, root: str = None) -> str:
 
 
 def find_images(data_dir: str, skip_dir: str = None) -> list:
-    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out)."""
-    found = []
+    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out).
+    Images in other formats (OTHER_IMAGE_EXTS) are counted in one warning."""
+    found, others = [], []
     skip = os.path.abspath(skip_dir) if skip_dir else None
     seen = {os.path.realpath(data_dir)}  # linked folders are followed once: a link back up is no loop
     def unreadable(e):  # a folder that cannot be listed: say so (its images would silently be missing)
@@ -300,6 +304,11 @@ def find_images(data_dir: str, skip_dir: str = None) -> list:
             keep.append(d)
         dirs[:] = keep
         for name in files:
-            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
-                found.append(os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/"))
+            if name.lower().endswith(IMAGE_EXTS + OTHER_IMAGE_EXTS) and not name.startswith("."):
+                rel = os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/")
+                (found if name.lower().endswith(IMAGE_EXTS) else others).append(rel)
+    if others:
+        formats = sorted({os.path.splitext(o)[1].lower() for o in others})
+        print(f"warning: data_dir={data_dir}: {len(others)} image(s) in a format preprocess does not read are left "
+              f"out ({', '.join(formats)}; e.g. {min(others)}): convert them to png, jpg or webp", file=sys.stderr)
     return sorted(found)

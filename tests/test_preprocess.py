@@ -246,7 +246,12 @@ def test_find_images_follows_linked_folders_once_and_names_unlistable_ones(tmp_p
     os.symlink(elsewhere, data / "sub" / "again")    # the same folder through a second link
     os.makedirs(data / ".hidden")
     make_image(8, 8).save(data / ".hidden" / "d.png")
+    for name in ("IMG_0001.HEIC", "sub/IMG_0002.heic", "sub/raw.dng"):  # formats it does not read: named
+        (data / name).write_bytes(b"not read")
     assert images.find_images(str(data)) == ["a.png", "d.tiff", "e.bmp", "f.gif", "linked/c.webp", "sub/b.JPG"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: data_dir={data}: 3 image(s) in a format preprocess does not read are left out (.dng, .heic; "
+        "e.g. IMG_0001.HEIC): convert them to png, jpg or webp"]
     real_scandir = os.scandir
 
     def no_permission_for_sub(path="."):  # what a chmod 000 folder does to a user who is not root
