@@ -190,9 +190,10 @@ def clean_caption(text: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _metadata_table(path: str, stamp: str) -> tuple:
     """({file_name (POSIX, relative to the file's folder, NFC): caption}, None) of a metadata.jsonl /
-    metadata.csv, or ({}, what is wrong with it) (cached too: a broken file is read once). stamp (size and
-    mtime) is part of the cache key, so an edited file is read again. Column names are matched case-blind;
-    an unquoted comma in a CSV's last column (a.png,a red flower, in a garden) stays in the caption."""
+    metadata.csv, or ({}, what is wrong with it) (cached too: a broken file is read once), or (the rows read,
+    the JSONL lines that are no JSON object). stamp (size and mtime) is part of the cache key, so an edited
+    file is read again. Column names are matched case-blind; an unquoted comma in a CSV's last column
+    (a.png,a red flower, in a garden) stays in the caption; a null caption is an empty one."""
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
@@ -201,13 +202,18 @@ def _metadata_table(path: str, stamp: str) -> tuple:
         return {}, f"{name} cannot be read ({e.strerror})"
     except Skip as e:
         return {}, str(e)
+    bad = []  # numbers of the lines that are no JSON object: named for the images with no caption found
     if path.endswith(".jsonl"):
         rows = []
-        for line in text.split("\n"):  # not splitlines(): U+2028 and the like may stand inside a caption
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 may stand in a caption
             try:
                 rows.append(json.loads(line))
             except ValueError:  # a bad line costs its own image's caption, not the file's
+                if line.strip():
+                    bad.append(number)
                 continue
+            if not isinstance(rows[-1], dict):
+                bad.append(number)
     else:
         csv.field_size_limit(2 ** 31 - 1)  # one long caption must not cost the whole file
         header = text.split("\n", 1)[0]
@@ -228,9 +234,15 @@ def _metadata_table(path: str, stamp: str) -> tuple:
         row = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
         file_name = row.get("file_name")
         captions = [str(row[c]) for c in CAPTION_COLUMNS if isinstance(row.get(c), (str, int, float))]
+        if not captions and any(row.get(c, 0) is None for c in CAPTION_COLUMNS):
+            captions = [""]  # "text": null, as an empty cell: an empty caption, not a missing entry
         if isinstance(file_name, str) and captions:
             key = unicodedata.normalize("NFC", os.path.normpath(file_name.replace("\\", "/")).replace(os.sep, "/"))
             table[key] = next((c for c in captions if c.strip()), captions[0])  # the first non-blank one
+    if bad:
+        return table, (f"{name} line {bad[0]} is not a JSON object" if len(bad) == 1 else
+                       f"{name} lines {', '.join(map(str, bad[:3]))}{', ...' if len(bad) > 3 else ''} are not "
+                       "JSON objects")
     return table, None
 
 

@@ -314,6 +314,14 @@ def test_metadata_files_as_spreadsheets_and_scripts_write_them(tmp_path):
     (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert images.read_caption(str(tmp_path / "cut.png"), str(tmp_path)) == "a moon"  # the half emoji dropped
     assert images.read_caption(str(tmp_path / "a.png"), str(tmp_path)) == "one two"  # U+2028 in a JSON line
+    lines = [json.dumps({"file_name": "a.png", "text": None}), '{"file_name": "b.png", "text": "a cut line',
+             json.dumps({"file_name": "n.png", "text": "a number"}), "", json.dumps(["a", "list"]), ""]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(images.Skip, match="its caption in metadata.jsonl is empty"):  # null: as an empty cell
+        images.read_caption(str(tmp_path / "a.png"), str(tmp_path))
+    with pytest.raises(images.Skip, match=r"no entry .*\(metadata.jsonl lines 2, 5 are not JSON objects\)$"):
+        images.read_caption(str(tmp_path / "b.png"), str(tmp_path))  # why its line was not read
+    assert images.read_caption(str(tmp_path / "n.png"), str(tmp_path)) == "a number"  # the rest are read
     os.remove(tmp_path / "metadata.jsonl")
     (tmp_path / "metadata.csv").write_bytes("file_name,text\na.png,caf\u00e9 au lait\n".encode("cp1252"))  # Excel
     with pytest.raises(images.Skip, match=r"no entry .*\(metadata.csv is not UTF-8 \(bad byte at 24\)\)"):
