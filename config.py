@@ -28,6 +28,8 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 MAX_CFG_SCALE = 1000  # far past any useful guidance; much larger ones overflow the velocity to inf (black)
 MAY_BE_INF = ("max_minutes", "grad_clip", "huber_delta")  # inf means: no time limit, no clipping, plain L2
+# ~ expanded in these: zsh (macOS) and fish leave data_dir=~/x as it is, and cache_dir=~/x made a folder "~"
+PATH_SETTINGS = ("data_dir", "cache_dir", "out_dir", "vae", "text_encoder", "resume")
 
 
 class ConfigError(ValueError):
@@ -282,7 +284,7 @@ def apply_overrides(cfg: Config, overrides: dict) -> Config:
             value = float(value)
         elif type(value) is not type(default):
             raise ConfigError(f"{key}={value!r}: expected {type(default).__name__}")
-        typed[key] = value
+        typed[key] = os.path.expanduser(value) if key in PATH_SETTINGS else value
     return replace(cfg, **typed)
 
 

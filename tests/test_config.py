@@ -32,6 +32,10 @@ def test_overrides_are_typed():
     assert cfg.batch_size == 8 and isinstance(cfg.batch_size, int)
     assert cfg.learning_rate == 1e-4 and cfg.hflip is True and cfg.sampler == "heun"
     assert parse_args(["shift=3"]).shift == 3.0 and isinstance(parse_args(["shift=3"]).shift, float)
+    home = os.path.expanduser("~")  # zsh (macOS) and fish pass data_dir=~/x on with the ~
+    cfg = parse_args(["data_dir=~/my images", "cache_dir=~/cache", "out_dir=~", "val_prompts=~ a wave"])
+    assert (cfg.data_dir, cfg.cache_dir, cfg.out_dir) == (f"{home}/my images", f"{home}/cache", home)
+    assert cfg.val_prompts == "~ a wave"  # not a path
 
 
 @pytest.mark.parametrize("argv, key", [
