@@ -296,15 +296,23 @@ def read_caption(image_path: str, root: str = None) -> str:
     return text
 
 
-def find_images(data_dir: str, skip_dir: str = None) -> list:
+def find_images(data_dir: str, skip_dir: str = None, unlisted: list = None) -> list:
     """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out).
-    Images in other formats (OTHER_IMAGE_EXTS) are counted in one warning."""
+    Images in other formats (OTHER_IMAGE_EXTS) are counted in one warning. Folders that cannot be listed
+    and links (without an extension) to what is not there, a folder on a drive not mounted, are named in a
+    warning each and appended to unlisted (relative POSIX paths), if given: preprocess keeps what it
+    cached from them."""
     found, others = [], []
     skip = os.path.abspath(skip_dir) if skip_dir else None
     seen = {os.path.realpath(data_dir)}  # linked folders are followed once: a link back up is no loop
-    def unreadable(e):  # a folder that cannot be listed: say so (its images would silently be missing)
-        print(f"warning: {e.filename}: cannot list this folder ({e.strerror}) - its images are left out",
-              file=sys.stderr)
+
+    def left_out(path, why):  # say so: its images would silently be missing
+        print(f"warning: {path}: {why} - left out (what the cache holds from it is kept)", file=sys.stderr)
+        if unlisted is not None:
+            unlisted.append(os.path.relpath(path, data_dir).replace(os.sep, "/"))
+
+    def unreadable(e):  # a folder that cannot be listed
+        left_out(e.filename, f"cannot list this folder ({e.strerror})")
 
     for root, dirs, files in os.walk(data_dir, followlinks=True, onerror=unreadable):
         keep = []
@@ -316,9 +324,14 @@ def find_images(data_dir: str, skip_dir: str = None) -> list:
             keep.append(d)
         dirs[:] = keep
         for name in files:
-            if name.lower().endswith(IMAGE_EXTS + OTHER_IMAGE_EXTS) and not name.startswith("."):
-                rel = os.path.relpath(os.path.join(root, name), data_dir).replace(os.sep, "/")
+            path = os.path.join(root, name)
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTS + OTHER_IMAGE_EXTS):  # (a dangling link to one: preprocess says so)
+                rel = os.path.relpath(path, data_dir).replace(os.sep, "/")
                 (found if name.lower().endswith(IMAGE_EXTS) else others).append(rel)
+            elif "." not in name and os.path.islink(path) and not os.path.exists(path):  # (no stat per caption)
+                left_out(path, f"a link to {os.readlink(path)}, which is not there (a drive not mounted?)")
     if others:
         formats = sorted({os.path.splitext(o)[1].lower() for o in others})
         print(f"warning: data_dir={data_dir}: {len(others)} image(s) in a format preprocess does not read are left "

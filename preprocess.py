@@ -281,11 +281,15 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
     old_skipped = old.get("skipped", {}) if old else {}
 
     # what needs encoding: new or changed images (and previously skipped ones whose files changed)
-    sources = find_images(cfg.data_dir, skip_dir=cfg.cache_dir)
+    unlisted = []  # folders that could not be listed just now (a permission, an unmounted drive)
+    sources = find_images(cfg.data_dir, skip_dir=cfg.cache_dir, unlisted=unlisted)
     if not sources:
         raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
     kept, kept_skipped, todo = plan_encoding(cfg, sources, old_entries, old_skipped, say)
-    removed = len(set(old_entries) - set(sources))
+    for source, e in old_entries.items():  # cached from a folder not listed just now: kept, as for a file
+        if any(source.startswith(folder + "/") for folder in unlisted) and cache_file_intact(cfg.cache_dir, e):
+            kept[source] = e
+    removed = len(set(old_entries) - set(sources) - set(kept))
 
     failure = None  # what stopped encoding early: a WriteError (full disk), Ctrl-C, any other error
     # scale/shift come from the VAE when one is loaded; pixel space is the identity

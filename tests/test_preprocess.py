@@ -457,6 +457,38 @@ def test_incremental_runs_encode_only_new_or_changed_files(tmp_path, t5_dir, mon
     assert "is not there: using the cache" in capsys.readouterr().err
 
 
+def test_a_linked_folder_on_a_drive_not_mounted_keeps_its_cached_images(tmp_path, t5_dir, monkeypatch, capsys):
+    """A folder that cannot be listed just now (a linked drive not mounted, a permission) is named in a warning
+    and what the cache holds from it is kept, as for a file not readable just now (its entries were dropped
+    and their cache files deleted, silently for the link, so training went on with part of the data)."""
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data, drive = tmp_path / "data", tmp_path / "drive"
+    make_image_folder(str(data), [(32, 32)] * 2)
+    make_image_folder(str(drive / "photos"), [(32, 32)] * 3)
+    os.symlink(drive / "photos", data / "photos")
+    first = P.ensure_cache(cfg)
+    assert len(first["entries"]) == 5
+    os.rename(drive, tmp_path / "unmounted")
+    capsys.readouterr()
+    again = P.ensure_cache(cfg)
+    assert again["entries"] == first["entries"] and P.load_manifest(cfg.cache_dir)["entries"] == first["entries"]
+    assert all(os.path.exists(os.path.join(cfg.cache_dir, e["file"])) for e in first["entries"].values())
+    assert f"warning: {data / 'photos'}: a link to {drive / 'photos'}, which is not there" in capsys.readouterr().err
+    os.rename(tmp_path / "unmounted", drive)
+    real_scandir = os.scandir
+
+    def no_permission_for_photos(path="."):
+        if str(path).endswith("photos"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", no_permission_for_photos)
+    assert P.ensure_cache(cfg)["entries"] == first["entries"]
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    encoded = record_encoded(monkeypatch)
+    assert P.ensure_cache(cfg)["entries"] == first["entries"] and encoded == []  # back: nothing to encode
+
+
 def test_repeated_captions_are_encoded_once_with_the_same_embeddings(tmp_path, t5_dir, monkeypatch):
     import text_encoder as TE
     cfg = pixel_cfg(tmp_path, t5_dir)
