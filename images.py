@@ -190,10 +190,11 @@ def clean_caption(text: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _metadata_table(path: str, stamp: str) -> tuple:
     """({file_name (POSIX, relative to the file's folder, NFC): caption}, None) of a metadata.jsonl /
-    metadata.csv, or ({}, what is wrong with it) (cached too: a broken file is read once), or (the rows read,
-    the JSONL lines that are no JSON object). stamp (size and mtime) is part of the cache key, so an edited
-    file is read again. Column names are matched case-blind; an unquoted comma in a CSV's last column
-    (a.png,a red flower, in a garden) stays in the caption; a null caption is an empty one."""
+    metadata.csv, or ({}, what is wrong with it: unreadable, no file_name or caption column) (cached too: a
+    broken file is read once), or (the rows read, the JSONL lines that are no JSON object). stamp (size and
+    mtime) is part of the cache key, so an edited file is read again. Column names are matched case-blind;
+    an unquoted comma in a CSV's last column (a.png,a red flower, in a garden) stays in the caption; a null
+    caption is an empty one."""
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
@@ -227,11 +228,12 @@ def _metadata_table(path: str, stamp: str) -> tuple:
         for row in rows:
             if row.get("\0rest") and isinstance(row.get(last), str):
                 row[last] = delimiter.join([row[last]] + row.pop("\0rest"))
-    table = {}
+    table, columns = {}, {}  # columns: every row's, in order (named when file_name or the caption is not one)
     for row in rows:
         if not isinstance(row, dict):
             continue
         row = {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+        columns.update(dict.fromkeys(row))
         file_name = row.get("file_name")
         captions = [str(row[c]) for c in CAPTION_COLUMNS if isinstance(row.get(c), (str, int, float))]
         if not captions and any(row.get(c, 0) is None for c in CAPTION_COLUMNS):
@@ -239,6 +241,9 @@ def _metadata_table(path: str, stamp: str) -> tuple:
         if isinstance(file_name, str) and captions:
             key = unicodedata.normalize("NFC", os.path.normpath(file_name.replace("\\", "/")).replace(os.sep, "/"))
             table[key] = next((c for c in captions if c.strip()), captions[0])  # the first non-blank one
+    if columns and not table and ("file_name" not in columns or not columns.keys() & set(CAPTION_COLUMNS)):
+        return table, (f"{name} has no {'file_name' if 'file_name' not in columns else ' or '.join(CAPTION_COLUMNS)}"
+                       f" column, only {', '.join(list(columns)[:8])}")
     if bad:
         return table, (f"{name} line {bad[0]} is not a JSON object" if len(bad) == 1 else
                        f"{name} lines {', '.join(map(str, bad[:3]))}{', ...' if len(bad) > 3 else ''} are not "

@@ -328,6 +328,11 @@ def test_metadata_files_as_spreadsheets_and_scripts_write_them(tmp_path):
         images.read_caption(str(tmp_path / "a.png"), str(tmp_path))
     (tmp_path / "metadata.csv").write_text("file_name;text\na.png;a red flower, in a garden; at noon\n")
     assert images.read_caption(str(tmp_path / "a.png"), str(tmp_path)) == "a red flower, in a garden; at noon"
+    for header, missing in [("image,caption", "file_name column, only image, caption"),  # a Kaggle-style file
+                            ("File_Name,Description", "text or caption or prompt column, only file_name, description")]:
+        (tmp_path / "metadata.csv").write_text(f"{header}\na.png,a red flower\n")
+        with pytest.raises(images.Skip, match=rf"no entry .*\(metadata.csv has no {missing}\)$"):
+            images.read_caption(str(tmp_path / "a.png"), str(tmp_path))
 
 
 def write_bad_inputs(data):
