@@ -37,6 +37,10 @@ class Skip(Exception):
         self.reason = reason
 
 
+class MetadataProblem(str):
+    """What is wrong with a metadata.jsonl / metadata.csv none of whose rows could be read."""
+
+
 # --- buckets -------------------------------------------------------------------------------------------
 
 def make_buckets(target: int, align: int, max_ratio: float) -> list:
@@ -255,7 +259,9 @@ def metadata_caption(image_path: str, root: str = None):
     """(metadata file, caption, problem) from a Hugging Face imagefolder metadata.jsonl / metadata.csv
     (columns file_name and text, caption or prompt) in the image's folder or a folder above it, up to root
     (the data folder; None: up to the filesystem's root). (None, None, problem) if there is none; problem
-    names a metadata file on the way that could not be read (else None)."""
+    names a metadata file on the way that could not be read (else None). A file none of whose rows could
+    be read (not UTF-8, no file_name column, ...) makes it a MetadataProblem: preprocess keeps what it
+    cached from that file's images until it is fixed."""
     folder, rel = os.path.split(os.path.abspath(image_path))
     rel = unicodedata.normalize("NFC", rel)  # macOS names are NFD, a metadata file typed elsewhere NFC
     top = os.path.abspath(root) if root else None
@@ -266,7 +272,8 @@ def metadata_caption(image_path: str, root: str = None):
             if os.path.isfile(path):
                 st = os.stat(path)
                 table, wrong = _metadata_table(path, f"{st.st_size}:{st.st_mtime_ns}")
-                problem = problem or wrong
+                if wrong and not problem:
+                    problem = MetadataProblem(wrong) if not table else wrong
                 if rel in table:
                     return path, clean_caption(table[rel]), None
         parent, name = os.path.split(folder)
@@ -285,8 +292,9 @@ def read_caption(image_path: str, root: str = None) -> str:
     if path is None:
         meta, text, problem = metadata_caption(image_path, root)
         if meta is None:
-            raise Skip("missing caption", f"no {' or '.join(CAPTION_EXTS)} caption file beside it and no entry "
-                                          f"in a {' or '.join(METADATA_FILES)}" + (f" ({problem})" if problem else ""))
+            raise Skip("metadata unreadable" if isinstance(problem, MetadataProblem) else "missing caption",
+                       f"no {' or '.join(CAPTION_EXTS)} caption file beside it and no entry in a "
+                       f"{' or '.join(METADATA_FILES)}" + (f" ({problem})" if problem else ""))
         if not text:
             raise Skip("empty caption", f"its caption in {os.path.basename(meta)} is empty")
         return text

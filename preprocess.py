@@ -46,6 +46,8 @@ from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, decode_min_side, fi
 
 # tried again every run: a permission may be fixed, a file come back, the precision be changed
 RETRIED_SKIPS = ("not accessible", "non-finite encoding")
+# what was cached of an image skipped for these is kept: its file or its metadata file is back once fixed
+KEEPS_CACHED = ("not accessible", "metadata unreadable")
 CROP_WARNING = 0.9  # images that keep less of their area than this in their bucket are counted in a warning
 CAPTION_MEMO_BYTES = 256 * 2 ** 20  # text embeddings kept for repeated captions (shapes: ~540 distinct)
 PROGRESS_EVERY = 120  # seconds between manifests written while encoding: a SIGKILL loses at most this much
@@ -346,7 +348,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
             failure.elsewhere = True
 
     for source, s in list(new_skipped.items()):  # cached before, unreadable just now: keep what was cached
-        if s["reason"] == "not accessible" and source in old_entries \
+        if s["reason"] in KEEPS_CACHED and source in old_entries \
                 and cache_file_intact(cfg.cache_dir, old_entries[source]):
             kept[source] = old_entries[source]
             del new_skipped[source]

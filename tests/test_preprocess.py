@@ -494,6 +494,32 @@ def test_a_linked_folder_on_a_drive_not_mounted_keeps_its_cached_images(tmp_path
     assert P.ensure_cache(cfg)["entries"] == first["entries"] and encoded == []  # back: nothing to encode
 
 
+def test_a_metadata_file_saved_unreadable_keeps_what_was_cached_from_it(tmp_path, t5_dir, monkeypatch, capsys):
+    """metadata.csv saved again by Excel in cp1252 (one 'cafe' with an accent) costs none of the images cached
+    from it: each is named in a warning, what was cached kept, and the fixed file encodes nothing again (its
+    entries were dropped and their cache files deleted: all the folder's images encoded again)."""
+    cfg = pixel_cfg(tmp_path, t5_dir)
+    data = tmp_path / "data"
+    os.makedirs(data)
+    for i in range(3):
+        make_image(32, 32, seed=i).save(data / f"{i}.png")
+    good = "file_name,text\n0.png,a red square\n1.png,a blue circle\n2.png,a green star\n"
+    (data / "metadata.csv").write_text(good, encoding="utf-8")
+    first = P.ensure_cache(cfg)
+    assert len(first["entries"]) == 3
+    (data / "metadata.csv").write_bytes((good + "3.png,caf\u00e9 au lait\n").encode("cp1252"))
+    capsys.readouterr()
+    again = P.ensure_cache(cfg)
+    assert again["entries"] == first["entries"] and not again["skipped"]
+    assert all(os.path.exists(os.path.join(cfg.cache_dir, e["file"])) for e in first["entries"].values())
+    assert sum("metadata.csv is not UTF-8" in line for line in capsys.readouterr().err.splitlines()) == 3
+    make_image(32, 32, seed=3).save(data / "3.png")  # not cached before: skipped until the file is fixed
+    assert P.ensure_cache(cfg)["skipped"]["3.png"]["reason"] == "metadata unreadable"
+    (data / "metadata.csv").write_text(good + "3.png,a yellow moon\n", encoding="utf-8")
+    encoded = record_encoded(monkeypatch)
+    assert len(P.ensure_cache(cfg)["entries"]) == 4 and encoded == ["3.png"]  # the other three: as cached
+
+
 def test_repeated_captions_are_encoded_once_with_the_same_embeddings(tmp_path, t5_dir, monkeypatch):
     import text_encoder as TE
     cfg = pixel_cfg(tmp_path, t5_dir)
