@@ -336,7 +336,7 @@ def run_training(cfg: Config) -> dict:
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
         # where a resume goes on if this step cannot load its batches (and the noise it draws again)
         step_start = (epoch, batch_in_epoch)
-        gen_start = gen.get_state() if cfg.grad_accum > 1 else None
+        gen_start = gen.get_state()  # (a forward that runs out of memory has drawn its noise and t already)
         for micro in range(cfg.grad_accum):
             try:
                 batch = next(batches, None)
@@ -377,8 +377,7 @@ def run_training(cfg: Config) -> dict:
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         if load_failed or out_of_memory:  # the last completed step is checkpointed below; this one runs again on resume
             epoch, batch_in_epoch = step_start
-            if gen_start is not None:  # an earlier micro-batch drew noise and t
-                gen.set_state(gen_start)
+            gen.set_state(gen_start)  # this step's noise and t are drawn again
             break
         if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
             dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)

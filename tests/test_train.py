@@ -1099,6 +1099,28 @@ def test_out_of_memory_mid_run_checkpoints_the_last_step_and_says_what_to_lower(
     assert_same_last_weights(args, "straight", "failed")
 
 
+def test_out_of_memory_after_the_noise_was_drawn_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """grad_accum=1 (the default): the forward that runs out of memory has drawn the step's noise and t; the
+    checkpoint keeps the noise state from before the step, so failure + resume trains the same weights."""
+    from config import ConfigError
+    args = tiny_args(tiny_data, tmp_path, max_steps=6, checkpoint_every=100)
+    T.train(get_config("tiny", **dict(args, run_name="straight")))
+    real_loss, calls = T.flow_matching_loss, {"n": 0}
+
+    def out_of_memory_in_step_4(*a, **k):
+        out = real_loss(*a, **k)  # t and noise drawn; then (as far as train.py can tell) the forward fails
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return out
+    monkeypatch.setattr(T, "flow_matching_loss", out_of_memory_in_step_4)
+    with pytest.raises(ConfigError, match="step 3 is checkpointed"):
+        T.train(get_config("tiny", **dict(args, run_name="failed")))
+    monkeypatch.setattr(T, "flow_matching_loss", real_loss)
+    assert T.train(get_config("tiny", **dict(args, run_name="failed", resume="auto")))["step"] == 6
+    assert_same_last_weights(args, "straight", "failed")
+
+
 def test_validation_or_sampling_out_of_memory_is_skipped_and_the_run_saved(tiny_data, tmp_path, monkeypatch, capsys):
     """The last step's validation and sample grids come before its checkpoint: running out of memory there
     costs a warning, not the run's final checkpoint and export."""
