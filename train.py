@@ -121,6 +121,18 @@ def out_of_memory_advice(cfg: Config, shape, device) -> str:
             f"target_resolution={cfg.target_resolution}): try " + ", or ".join(hints))
 
 
+def lost_process(e: Exception, master: bool):
+    """Under torchrun, a collective that failed because another process of the job ended (killed, out of
+    memory, an error of its own): one line for rank 0, which then checkpoints the last completed step and
+    exports; the other ranks (which write nothing) stop with it. Any other error: None (raise it)."""
+    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))):
+        return None  # (gloo says it in a plain RuntimeError, NCCL in a DistError)
+    why = "another process of the job ended: " + str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
+    if not master:
+        raise ConfigError(why) from None
+    return why
+
+
 def default_val_prompts(cfg: Config, val_set) -> list:
     if cfg.val_prompts:
         return [p.strip() for p in cfg.val_prompts.split("|") if p.strip()]
@@ -306,6 +318,17 @@ def run_training(cfg: Config) -> dict:
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
     load_failed = None  # why a step could not load its batch (then: checkpoint, export, one-line error)
     out_of_memory = None  # the same for a step that ran out of (GPU) memory
+    peer_lost = None  # the same under torchrun for a collective that failed: another process of the job ended
+
+    def all_ranks(collective, *args, **kwargs):
+        """collective(*args, **kwargs) over the ranks: None, or why it failed (lost_process)."""
+        try:
+            collective(*args, **kwargs)
+        except RuntimeError as e:
+            why = lost_process(e, master)
+            if why is None:
+                raise
+            return why
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -368,6 +391,12 @@ def run_training(cfg: Config) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 break
+            except RuntimeError as e:  # under torchrun: DDP's all-reduce found another process gone
+                peer_lost = lost_process(e, master) if world > 1 else None
+                if peer_lost is None:
+                    raise
+                loss = per_sample = batch = None
+                break
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
             loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
@@ -375,12 +404,13 @@ def run_training(cfg: Config) -> dict:
                 loss_ok = loss_ok * finite_loss
             s, c = S.loss_per_bucket(per_sample.float(), t, N_T_BUCKETS, skip_nonfinite=True)
             bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
-        if load_failed or out_of_memory:  # the last completed step is checkpointed below; this one runs again on resume
-            epoch, batch_in_epoch = step_start
+        if world > 1 and loss_scale.enabled and not (load_failed or out_of_memory or peer_lost):
+            # every rank must agree (the scale, the stop at max_nonfinite)
+            peer_lost = all_ranks(dist.all_reduce, loss_ok, op=dist.ReduceOp.MIN)
+        if load_failed or out_of_memory or peer_lost:  # the last completed step is checkpointed below; this one
+            epoch, batch_in_epoch = step_start         # runs again on resume
             gen.set_state(gen_start)  # this step's noise and t are drawn again
             break
-        if world > 1 and loss_scale.enabled:  # every rank must agree (the scale, the stop at max_nonfinite)
-            dist.all_reduce(loss_ok, op=dist.ReduceOp.MIN)
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale,
                                              None if loss_ok is None else loss_ok.bool())
         # fp16: a non-finite step while the loss scale is >= 1 (an overflow of loss x scale) only lowers the scale
@@ -404,7 +434,9 @@ def run_training(cfg: Config) -> dict:
                 diverged = True
         if world > 1 and log_now:  # the logged losses are over every rank's samples, not rank 0's
             packed = torch.cat([loss_sum.reshape(1), loss_n.reshape(1).float(), bucket_sums, bucket_counts])
-            dist.all_reduce(packed)
+            peer_lost = all_ranks(dist.all_reduce, packed)
+            if peer_lost:  # this step is done: it is checkpointed below
+                break
             loss_sum, loss_n, bucket_sums, bucket_counts = packed[0], packed[1], *packed[2:].chunk(2)
         if master and log_now:
             elapsed = time.time() - t_log
@@ -438,7 +470,9 @@ def run_training(cfg: Config) -> dict:
             time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
         if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
             flags = torch.tensor([stop["received"] or 0, time_frac], dtype=torch.float64)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU: no wait for the GPU
+            peer_lost = all_ranks(dist.all_reduce, flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU
+            if peer_lost:
+                break
             stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
         else:
             stop["signal"] = stop["received"]
@@ -451,7 +485,9 @@ def run_training(cfg: Config) -> dict:
         rng_ranks = None
         if world > 1 and (step % cfg.checkpoint_every == 0 or final):  # the same steps on every rank
             rng_ranks = [None] * world
-            dist.all_gather_object(rng_ranks, rng_state(gen), group=host_group)
+            peer_lost = all_ranks(dist.all_gather_object, rng_ranks, rng_state(gen), group=host_group)
+            if peer_lost:
+                break
         if master and (step % cfg.checkpoint_every == 0 or final):
             try:
                 save_checkpoint(cfg, checkpoint_state(rng_ranks), say=tqdm.write)
@@ -463,8 +499,11 @@ def run_training(cfg: Config) -> dict:
         if stop["signal"] is not None or out_of_time:
             break
     bar.close()
-    if load_failed or out_of_memory:  # the step could not load its batch or ran out of memory: the last completed
-        status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a batch could not be loaded")
+    # the step could not load its batch, ran out of memory or lost a process of the job: the last completed step
+    # is checkpointed (this one runs again on resume)
+    if load_failed or out_of_memory or peer_lost:
+        status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a process of the job ended"
+                                                 if peer_lost else "a batch could not be loaded")
         if load_failed and stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop
             load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
         if master:
@@ -483,6 +522,8 @@ def run_training(cfg: Config) -> dict:
             raise CacheError(f"{load_failed} (step {step} is checkpointed: resume=auto goes on from it)")
         if out_of_memory:
             raise ConfigError(f"{out_of_memory} (step {step} is checkpointed: resume=auto goes on from it)")
+        if peer_lost:  # (the other ranks' noise streams are not in the checkpoint: a resume starts them afresh)
+            raise ConfigError(f"{peer_lost} (step {step} is checkpointed: resume=auto goes on from it)")
         try:
             generate_graph.make_graphs(cfg.run_dir)
         except Exception as e:  # graphs are a convenience; never lose a run over them

@@ -425,6 +425,41 @@ if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["RANK"] == "1":
     assert "stopped by signal 15 at step 4 (checkpoint saved)" in out, out[-2000:]
 
 
+def test_torchrun_a_killed_process_leaves_the_last_completed_step_checkpointed(tiny_data, tmp_path):
+    """kill -9 of one worker (the out-of-memory killer) mid-step: rank 0's all-reduce fails; it checkpoints the
+    last completed step and exports, with one line (was a traceback losing the steps since the last checkpoint)."""
+    from conftest import on_a_free_port
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("""
+import os, signal
+if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["RANK"] == "1":
+    import objective
+    real, calls = objective.flow_matching_loss, {"n": 0}
+    def loss(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # step 5's forward
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*a, **k)
+    objective.flow_matching_loss = loss
+""")
+    args = tiny_args(tiny_data, tmp_path, max_steps=40, run_name="killed", checkpoint_every=1000)
+
+    def run(port):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(hooks), ROOT]))
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc.communicate(timeout=300)[0]
+    out = on_a_free_port(run)
+    assert "error: another process of the job ended: " in out and "step 4 is checkpointed" in out, out[-3000:]
+    assert "[rank0]: Traceback" not in out, out[-3000:]
+    cfg = get_config("tiny", **args)
+    assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [4]
+    from model import exported_step
+    assert exported_step(os.path.join(cfg.run_dir, "model")) == 4
+
+
 def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
     """Under torchrun: the cache is built by both ranks (a fresh cache_dir), each rank's noise/t stream is in
     the checkpoint, so 2 + resume + 2 steps equal 4 uninterrupted steps (with rank 0's stream on both ranks
