@@ -39,7 +39,8 @@ HELD_OUT = {("purple", "triangle"), ("orange", "square")}  # never in the traini
 ASPECTS = {"square": (1, 1), "wide": (5, 3), "tall": (3, 5)}  # width : height
 ATTRIBUTES = ("background", "color", "shape", "size", "position")
 GENERATION_BASE = 96                        # canvas side of square images; wide/tall are 120x72, 72x120
-MARKER = "_complete"                        # written last: a folder without it is a partial set
+MARKER = "_complete"                        # {"complete": false} first, the settings last: a folder with
+                                            # neither is not ours (a user's images: never written into)
 _FORMAT_VERSION = 1                         # bump when rendering changes, so old sets are regenerated
 
 # --- checker thresholds ----------------------------------------------------------------------------------
@@ -181,14 +182,14 @@ def generate_dataset(out_dir: str, num_images: int, seed: int = 0, base: int = G
                      progress: bool = False) -> int:
     """Write {i:05d}.png + {i:05d}.txt (the caption) for i < num_images, then the MARKER file.
 
-    The same (num_images, seed, base) gives the same bytes. The marker is removed first and written last,
-    so an interrupted run leaves a folder that ensure_shapes_data regenerates."""
+    The same (num_images, seed, base) gives the same bytes. The marker says "incomplete" first and holds the
+    settings last, so an interrupted run leaves a folder that ensure_shapes_data regenerates."""
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be > 0")
     os.makedirs(out_dir, exist_ok=True)
     marker = os.path.join(out_dir, MARKER)
-    if os.path.exists(marker):
-        os.remove(marker)
+    with open(marker, "w") as f:
+        json.dump({"complete": False}, f)
     plan = plan_dataset(num_images, seed)
     for i, attrs in enumerate(tqdm(plan, desc="shapes", unit="img", disable=not progress)):
         width, height = canvas_size(attrs["aspect"], base)
@@ -223,8 +224,15 @@ def _ensure(out_dir: str, num_images: int, seed: int, base: int, force: bool = F
     have = _read_marker(out_dir)
     if have == want and not force:
         return False
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
+        # a folder of someone's own images (data_source=folder forgotten): generating would overwrite and delete
+        # its numbered files (00000.png ...) and mix shapes into it
+        raise ConfigError(f"{setting}={out_dir!r}: holds files but no generated shapes set (no {MARKER} in it): "
+                          "not writing shapes images into it; for your own images give data_source=folder, "
+                          "else an empty or new folder")
     why = "forced" if force else "missing" if not os.path.isdir(out_dir) else \
-        f"settings changed: {have}" if have else "no complete set there"
+        "no complete set there" if not isinstance(have, dict) or have.get("complete") is False else \
+        f"settings changed: {have}"
     print(f"shapes: generating {num_images} images into {out_dir} (seed {seed}, {why})")
     generate_dataset(out_dir, num_images, seed, base, progress=True)
     return True

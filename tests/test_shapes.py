@@ -146,7 +146,8 @@ def test_ensure_shapes_data_generates_once_and_repairs_partial_sets(tmp_path, ca
     assert len([n for n in os.listdir(cfg.data_dir) if n.endswith(".png")]) == 9
     shapes.ensure_shapes_data(cfg)
     assert capsys.readouterr().out == ""                          # complete: nothing to do
-    os.remove(os.path.join(cfg.data_dir, shapes.MARKER))          # as if interrupted
+    with open(os.path.join(cfg.data_dir, shapes.MARKER), "w") as f:  # as if interrupted
+        f.write('{"complete": false}')
     os.remove(os.path.join(cfg.data_dir, "00004.png"))
     shapes.ensure_shapes_data(cfg)
     assert "generating" in capsys.readouterr().out
@@ -155,6 +156,19 @@ def test_ensure_shapes_data_generates_once_and_repairs_partial_sets(tmp_path, ca
     assert sorted(os.listdir(cfg.data_dir))[-2:] == ["00004.txt", shapes.MARKER]  # stale ones removed
     with pytest.raises(ConfigError, match="is a file"):
         shapes.ensure_shapes_data(get_config("tiny", data_dir=os.path.join(cfg.data_dir, "00000.png")))
+
+
+def test_shapes_are_never_generated_into_a_folder_of_other_images(tmp_path):
+    """data_source=folder forgotten (python train.py data_dir=my_images): the user's numbered images would be
+    overwritten and the ones past num_shapes deleted. A folder without the marker is left alone, one line."""
+    own = tmp_path / "mine"
+    own.mkdir()
+    for name in ("00000.png", "00007.png", "00007.txt", "holiday.jpg"):
+        (own / name).write_bytes(b"the user's own file " + name.encode())
+    with pytest.raises(ConfigError, match=r"data_dir=.*mine.*no generated shapes set.*data_source=folder"):
+        shapes.ensure_shapes_data(get_config("tiny", data_dir=str(own), num_shapes=5))
+    assert sorted(os.listdir(own)) == ["00000.png", "00007.png", "00007.txt", "holiday.jpg"]
+    assert (own / "00000.png").read_bytes() == b"the user's own file 00000.png"
 
 
 def test_command_line(tmp_path):
