@@ -160,6 +160,7 @@ class Config:
         for key in ("data_dir", "cache_dir", "out_dir"):
             need(getattr(self, key).strip() != "", key, "must name a folder")
             need(not os.path.isfile(getattr(self, key)), key, "is a file, expected a folder")
+        need(not os.path.isfile(self.run_dir), "run_name", f"{self.run_dir} is a file, expected a folder (the run's)")
         need(self.sample_steps <= 10 ** 6, "sample_steps", "must be <= 10**6")
         need(self.max_token_length >= 2, "max_token_length", "must be >= 2 (room for the tokenizer's special tokens)")
         for key, allowed in [("data_source", DATA_SOURCES), ("latent_space", LATENT_SPACES),

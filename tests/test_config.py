@@ -64,6 +64,7 @@ def test_overrides_are_typed():
     (["out_dir="], "out_dir"),                          # (the run went into the working folder)
     ([f"out_dir={os.path.join(ROOT, 'README.md')}"], "out_dir"),  # a file: one line naming it, not Errno 17
     ([f"cache_dir={os.path.join(ROOT, 'README.md')}"], "cache_dir"),
+    ([f"out_dir={ROOT}", "run_name=README.md"], "run_name"),  # (was Errno 20 after the data work)
     (["max_token_length=1"], "max_token_length"),
     (["cfg_scale=1e308"], "cfg_scale"),                 # (the guided velocity overflows: black images)
 ])
