@@ -10,6 +10,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import fields
 
 import torch
@@ -162,6 +163,7 @@ def lock_run(cfg: Config):
     parent, name = os.path.split(os.path.abspath(cfg.run_dir))
     os.makedirs(parent, exist_ok=True)
     path = os.path.join(parent, f".{name}.lock")
+    deadline = time.time() + LOCK_WAIT_S
     while True:
         f = open(path, "a+")
         try:
@@ -170,6 +172,11 @@ def lock_run(cfg: Config):
             f.seek(0)
             owner = f.read().strip() or "?"
             f.close()
+            if not process_alive(owner) and time.time() < deadline:
+                # a train.py killed (kill -9) with DataLoader workers: they were forked holding the lock, and
+                # keep it until they notice, within seconds; a resume=auto right after waits for them
+                time.sleep(0.25)
+                continue
             raise ConfigError(f"{cfg.run_dir} is in use by another train.py (pid {owner}); give this one "
                               "another run_name=, or wait for it to end") from None
         try:
@@ -182,6 +189,22 @@ def lock_run(cfg: Config):
     f.write(str(os.getpid()))
     f.flush()
     return f
+
+
+LOCK_WAIT_S = 15.0  # how long lock_run waits for the lock of a train.py that is gone (see there)
+
+
+def process_alive(pid: str) -> bool:
+    """Whether the process of this pid (the lock file's text) runs; True when that cannot be told."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError): it runs
+        pass
+    return True
 
 
 def unlock_run(lock):

@@ -607,6 +607,24 @@ def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_d
     assert [C.checkpoint_step(p) for p in C.list_checkpoints(cfg)] == [2, 4, 10000000]  # by step
 
 
+def test_a_lock_left_to_the_dataloader_workers_of_a_killed_run_is_waited_for(tmp_path):
+    """kill -9 of train.py with num_workers > 0: its DataLoader workers (forked with the lock's file) hold the
+    lock for seconds more. A resume=auto right after waits for them, not 'in use by another train.py'."""
+    cfg = get_config("tiny", out_dir=str(tmp_path), run_name="killed")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock_file = tmp_path / ".killed.lock"
+    lock_file.write_text(gone.stdout.strip())  # the killed train.py's pid (it ran and ended)
+    worker = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(2)",
+                               str(lock_file)], stdout=subprocess.PIPE, text=True)
+    assert worker.stdout.readline().strip() == "locked"
+    start = time.time()
+    lock = C.lock_run(cfg)  # waits for the 'worker' to end
+    assert time.time() - start > 1
+    C.unlock_run(lock)
+    worker.wait(timeout=30)
+
+
 def test_a_fresh_run_sets_an_earlier_one_in_its_folder_aside(tiny_data, tmp_path):
     args = tiny_args(tiny_data, tmp_path, checkpoint_every=2, run_name="same")
     first = get_config("tiny", **dict(args, max_steps=6))
