@@ -224,7 +224,8 @@ def _ensure(out_dir: str, num_images: int, seed: int, base: int, force: bool = F
     have = _read_marker(out_dir)
     if have == want and not force:
         return False
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, MARKER)):
+    listed = [n for n in os.listdir(out_dir) if not n.startswith(".")] if os.path.isdir(out_dir) else []
+    if listed and not os.path.exists(os.path.join(out_dir, MARKER)):  # (.DS_Store, .gitkeep: still empty)
         # a folder of someone's own images (data_source=folder forgotten): generating would overwrite and delete
         # its numbered files (00000.png ...) and mix shapes into it
         raise ConfigError(f"{setting}={out_dir!r}: holds files but no generated shapes set (no {MARKER} in it): "

@@ -169,6 +169,12 @@ def test_shapes_are_never_generated_into_a_folder_of_other_images(tmp_path):
         shapes.ensure_shapes_data(get_config("tiny", data_dir=str(own), num_shapes=5))
     assert sorted(os.listdir(own)) == ["00000.png", "00007.png", "00007.txt", "holiday.jpg"]
     assert (own / "00000.png").read_bytes() == b"the user's own file 00000.png"
+    empty = tmp_path / "new"  # an empty folder with what a file browser or git leaves in it is generated into
+    empty.mkdir()
+    (empty / ".DS_Store").write_bytes(b"")
+    (empty / ".gitkeep").write_bytes(b"")
+    assert shapes.ensure_shapes_data(get_config("tiny", data_dir=str(empty), num_shapes=5))
+    assert len(os.listdir(empty)) == 2 + 10 + 1
 
 
 def test_command_line(tmp_path):
