@@ -26,7 +26,14 @@ def read_csv_columns(path: str) -> dict:
     """{column: list of floats} from a CSV with a header; blank or unparseable cells become NaN, rows
     without a step (e.g. a line being written while we read) are skipped."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:  # garbage bytes cost their rows
-        rows = list(csv.DictReader(f))
+        reader, rows = csv.DictReader(f), []
+        while True:
+            try:
+                rows.append(next(reader))
+            except StopIteration:
+                break
+            except csv.Error:  # a stray quote with a long tail, an overlong line: those lines, not the file
+                continue
     if not rows or "step" not in rows[0]:
         return {}
     columns = {name: [] for name in rows[0] if name is not None}

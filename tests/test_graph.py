@@ -141,3 +141,17 @@ def test_a_log_row_with_a_field_that_is_not_a_column_is_an_error(tmp_path):
         log.write({"step": 2, "loss": 0.4, "param_norm": 3.0})
     with open(tmp_path / "log.csv", newline="") as f:
         assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+
+
+def test_a_garbled_stretch_costs_its_rows_not_the_graphs(tmp_path):
+    """A stray quote (its field runs on past the csv module's 128 KiB limit) or one overlong garbage line
+    in log.csv or val.csv: the rows around it still plot, no csv.Error."""
+    run = write_log(str(tmp_path / "run"), rows=10)
+    with open(os.path.join(run, "log.csv"), "a") as f:
+        f.write('260,1,"0.5\n' + "x" * 200_000 + "\n275,1,0.25\n")
+    with open(os.path.join(run, "val.csv"), "w") as f:
+        f.write("step,val_loss\n100,0.3\n" + "9" * 200_000 + "\n250,0.2\n")
+    cols = G.read_csv_columns(os.path.join(run, "log.csv"))
+    assert cols["step"][:10] == [25.0 * (i + 1) for i in range(10)] and cols["step"][-1] == 275.0
+    assert G.read_csv_columns(os.path.join(run, "val.csv"))["step"] == [100.0, 250.0]
+    assert "loss.png" in [os.path.basename(p) for p in G.make_graphs(run)]
