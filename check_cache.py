@@ -35,6 +35,8 @@ def summarise_cache(cfg, manifest) -> dict:
             z = d["latents"]
             assert list(z.shape) == e["latent_shape"], f"latents {tuple(z.shape)} != manifest {e['latent_shape']}"
             assert d["text"].shape == (cfg.max_token_length, cfg.text_dim), f"text {tuple(d['text'].shape)}"
+            assert d["mask"].shape == (cfg.max_token_length,), f"mask {tuple(d['mask'].shape)}"
+            assert z.isfinite().all() and d["text"].isfinite().all(), "values that are not finite (nan, inf)"
         except Exception as err:
             bad.append(path)
             tqdm.write(f"warning: {path}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)

@@ -955,3 +955,29 @@ def test_check_cache_compares_with_the_image_as_preprocess_decoded_it(tmp_path, 
     check_cache.main()
     line = next(line for line in capsys.readouterr().out.splitlines() if "photo.jpg: " in line)
     assert line.endswith("PSNR inf dB"), line
+
+
+def test_check_cache_reports_a_file_without_a_mask_or_with_nan_latents(tiny_data, tmp_path, monkeypatch, capsys):
+    """A cache file that loads but is not what preprocess.py writes (no mask, a mask of another kind) or holds
+    nan latents is damaged: a warning naming it and exit code 1, not a traceback or nan statistics."""
+    import check_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_data["cache_dir"], cache)
+    files = sorted(f for f in os.listdir(cache) if f.endswith(".pt"))
+    for name, change in zip(files, ({"mask": "zz"}, {"mask": None}, {"latents": float("nan")})):
+        d = torch.load(cache / name, weights_only=True)
+        for key, value in change.items():
+            if value is None:
+                del d[key]
+            elif isinstance(value, float):
+                d[key] = torch.full_like(d[key], value)
+            else:
+                d[key] = value
+        torch.save(d, cache / name)
+    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
+                                      f"cache_dir={cache}"])
+    with pytest.raises(SystemExit) as exit_code:
+        check_cache.main()
+    out, err = capsys.readouterr()
+    assert exit_code.value.code == 1 and "(3 damaged)" in out and "nan" not in out.split("latent mean")[1]
+    assert all(f"{name}:" in err for name in files[:3]), err
