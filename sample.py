@@ -47,6 +47,11 @@ def encode_prompts(cfg, prompts, device, chunk=64):
     from text_encoder import load_text_encoder
     if not prompts or any(not p.strip() for p in prompts):
         raise ConfigError("empty prompt: give some text to --prompt or in --prompts-file")
+    for prompt in prompts:
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 on a command line (Python keeps them as surrogates)
+            raise ConfigError(f"prompt {prompt!r}: not UTF-8 text (is the terminal's encoding UTF-8?)") from None
     encoder = load_text_encoder(cfg, device=device)
     distinct = list(dict.fromkeys(prompts))
     for prompt, n in zip(distinct, encoder.token_counts(distinct)):
@@ -355,7 +360,9 @@ def load_run(run_dir, device="cpu", checkpoint=None):
         try:
             model.load_state_dict(ema)
         except RuntimeError as e:
-            raise ConfigError(f"{source}: checkpoint does not match {cfg_path}: {str(e).splitlines()[0]}") from None
+            lines = str(e).splitlines()  # "Error(s) in loading state_dict for SingleStreamDiT:", then what
+            raise ConfigError(f"{source}: checkpoint does not match {cfg_path}: "
+                              f"{(lines[1:] or lines)[0].strip()[:200]}") from None
         if problem:
             print(f"warning: {problem}; using the EMA weights of {source}", file=sys.stderr)
         return cfg, model.to(device).eval()

@@ -452,3 +452,17 @@ def test_out_folder_keeps_the_batches_done_before_a_failure(tiny_run, tmp_path, 
     assert names == sorted(os.listdir(full))[:2]  # the first batch, the same images whatever the batch size
     for name in names:
         assert np.array_equal(np.asarray(Image.open(cut / name)), np.asarray(Image.open(full / name)))
+
+
+def test_a_prompt_that_is_not_utf8_and_weights_that_do_not_fit_say_what(tiny_run, tmp_path):
+    """A --prompt with bytes that are not UTF-8 (a Latin-1 terminal) is one line, not the tokenizer's TypeError;
+    a checkpoint whose weights do not fit names the weights (torch's first line, 'Error(s) in loading
+    state_dict for SingleStreamDiT:', said nothing)."""
+    r = run(tiny_run, "--prompt", "a caf\udce9 sign", "--out", str(tmp_path / "x.png"))  # argv byte 0xe9
+    assert r.returncode == 2 and r.stderr.startswith("error: prompt ") and "not UTF-8" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"ema": {}}, foreign)
+    r = run(tiny_run, "--checkpoint", str(foreign), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2 and "does not match" in r.stderr and "Missing key(s)" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
