@@ -123,12 +123,15 @@ def sanity_check(cfg, steps=300, min_factor=10.0, lr=3e-3, verbose=True):
     with torch.no_grad():
         targets = tensor_to_images(space.decode(x0))
         samples = tensor_to_images(space.decode(sample))
-    out_dir = os.path.join(cfg.run_dir, "sanity")
-    path = save_grid(targets + samples, ["target"] * len(targets) + ["sample"] * len(samples),
-                     os.path.join(out_dir, "reconstruction.png"), cols=len(targets))
+    path = os.path.join(cfg.run_dir, "sanity", "reconstruction.png")
+    try:
+        save_grid(targets + samples, ["target"] * len(targets) + ["sample"] * len(samples), path, cols=len(targets))
+        wrote = f"wrote {path}"
+    except OSError as e:  # a full disk or an unwritable out_dir costs the picture, not the verdict
+        wrote, path = f"{path} not written ({e.strerror or e})", None
     ok = factor >= min_factor
     print(f"{'PASS' if ok else 'FAIL'}: loss at fixed t {end:.4f}, {factor:.1f}x below v = 0's {start:.4f} "
-          f"(need {min_factor}x), sample MSE {recon_error:.4f}, wrote {path}")
+          f"(need {min_factor}x), sample MSE {recon_error:.4f}, {wrote}")
     return {"ok": ok, "factor": factor, "losses": losses, "recon_mse": recon_error, "path": path}
 
 

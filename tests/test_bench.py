@@ -104,6 +104,20 @@ def test_sanity_check_anneals_its_learning_rate(tiny_data, tmp_path, monkeypatch
     assert all(a >= b for a, b in zip(used, used[1:]))
 
 
+def test_sanity_check_gives_its_verdict_when_the_picture_cannot_be_written(tiny_data, tmp_path, capsys):
+    """runs/<name>/sanity not writable (here a file of that name; a full disk): the PASS/FAIL line still comes,
+    saying the PNG was not written, not an OSError naming neither."""
+    from config import get_config
+    from sanity_check import sanity_check
+    cfg = get_config("tiny", out_dir=str(tmp_path), **tiny_data)
+    os.makedirs(cfg.run_dir)
+    open(os.path.join(cfg.run_dir, "sanity"), "w").close()
+    result = sanity_check(cfg, steps=2, verbose=False)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(("PASS", "FAIL")) and last.endswith("sanity/reconstruction.png not written (File exists)")
+    assert result["path"] is None and "factor" in result
+
+
 def test_sampling_is_timed_with_the_configured_sampler(monkeypatch):
     """sampler=rk4 times RK4 (it timed Euler whatever was asked), per NFE, and the figures say which."""
     import bench
