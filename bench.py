@@ -279,14 +279,15 @@ def split_args(argv):
                 i += 1
             only = list(dict.fromkeys((only or []) + parts))  # in order, each once
             continue
-        if arg == "--compare":
-            changes = argv[i + 1:]
+        if arg == "--compare":  # the changes to the end; bench settings among them (steps=...) are those
+            changes = [a for a in argv[i + 1:] if a.partition("=")[0] not in BENCH_DEFAULTS]
             bad = [a for a in changes if "=" not in a or a.startswith("=")]
             if not changes or bad:
                 raise ConfigError(f"--compare{''.join(' ' + b for b in bad)}: expected the change as key=value ... "
                                   "after it")
             compare_overrides = dict(a.split("=", 1) for a in changes)
-            break
+            argv = argv[:i] + [a for a in argv[i + 1:] if a not in changes]
+            continue
         key, sep, value = arg.partition("=")
         if sep and key in BENCH_DEFAULTS:
             try:

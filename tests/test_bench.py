@@ -60,6 +60,16 @@ def test_only_takes_several_parts():
     assert "train_s_per_step" not in result
 
 
+def test_bench_settings_after_compare_are_bench_settings():
+    """`--compare depth=2 steps=5`: steps= is bench.py's own setting, not a change to compare (it was an error,
+    "unknown setting 'steps' (did you mean max_steps?)")."""
+    import bench
+    _, opts, _, changes = bench.split_args(["tiny", "--compare", "depth=2", "steps=5", "rounds=1"])
+    assert changes == {"depth": "2"} and (opts["steps"], opts["rounds"]) == (5, 1)
+    with pytest.raises(bench.ConfigError, match="--compare: expected the change"):
+        bench.split_args(["tiny", "--compare", "steps=5"])
+
+
 def test_compare_warns_when_the_change_is_the_baseline():
     r = run("tiny", "steps=1", "warmup=0", "rounds=1", "--compare", "depth=1")  # tiny has depth=1 already
     assert r.returncode == 0, r.stderr
