@@ -485,7 +485,15 @@ def main():
             else:
                 save_grid(images, all_prompts, args.out)
         except (OSError, ValueError) as e:  # a full disk, a grid beyond the format's size limit (WebP: 16383 px)
-            raise ConfigError(f"--out {args.out}: not written ({str(e).splitlines()[0]})") from None
+            why, folder = str(e).splitlines()[0], os.path.splitext(args.out)[0] + "_images"
+            try:  # the images are not lost with the grid: one PNG each, as --out a folder writes them
+                os.makedirs(folder, exist_ok=True)
+                for name, image in zip(names, images):
+                    image.save(os.path.join(folder, name))
+            except OSError:
+                raise ConfigError(f"--out {args.out}: not written ({why})") from None
+            raise ConfigError(f"--out {args.out}: not written ({why}); its {len(images)} image(s) are in "
+                              f"{folder}/ instead") from None
     what = f"{written[0]}{f' ... {written[-1]}' if len(written) > 1 else ''}" if separate else args.out
     step = run_step(args.run_dir, args.checkpoint)
     print(f"wrote {what}: {len(all_prompts)} image(s), NFE {nfe}, {seconds / len(all_prompts):.3f} s/image "

@@ -301,13 +301,18 @@ def test_a_prompt_gives_the_same_images_whatever_else_is_asked_for(tiny_run, tmp
 
 def test_an_out_that_cannot_be_written_is_one_line(tiny_run, tmp_path):
     """A --out under a file is an error before any sampling; a grid too large for its format (WebP: 16383 px
-    a side) is one line naming --out, not a traceback."""
+    a side) is one line naming --out, not a traceback, and its images are written one by one instead."""
     (tmp_path / "file.png").write_bytes(b"")
     r = run(tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "file.png" / "x.png"))
     assert r.returncode == 2 and r.stderr.startswith("error: --out ") and len(r.stderr.strip().splitlines()) == 1
     assert r.stdout == "", r.stdout
     r = run(tiny_run, "--prompt", PROMPT, "--num", "500", "--steps", "1", "--out", str(tmp_path / "big.webp"))
     assert r.returncode == 2 and r.stderr.startswith("error: --out ") and "Traceback" not in r.stderr, r.stderr
+    # ... and the 500 sampled images are not lost with it: one PNG each beside it
+    assert r.stderr.strip().endswith(f"its 500 image(s) are in {tmp_path / 'big_images'}/ instead"), r.stderr
+    names = sorted(os.listdir(tmp_path / "big_images"))
+    assert len(names) == 500 and names[-1] == "0499_a-large-red-circle-in-the-center-on-a-white-back_seed499.png"
+    assert Image.open(tmp_path / "big_images" / names[0]).size == (16, 16)
 
 
 def test_a_path_inside_a_run_names_the_run_folder(tiny_run, tmp_path):
