@@ -374,8 +374,8 @@ def main_guard(main):
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as e:  # torch.OutOfMemoryError (torch is not imported here): one line, what it is
-        if type(e).__name__ != "OutOfMemoryError":
-            raise
+        if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
+            raise  # (the CPU allocator's failure is a plain RuntimeError)
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}): fewer or smaller images at once need less",
               file=sys.stderr)
         sys.exit(2)

@@ -106,7 +106,9 @@ def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsy
 
     for exc, code in [(ConfigError("batch_size=0: must be > 0"), 2), (FileNotFoundError("x.png: gone"), 2),
                       (KeyboardInterrupt(), 130), (KeyboardInterrupt("the 3 images are cached"), 130),
-                      (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore lines"), 2)]:
+                      (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB\nmore lines"), 2),
+                      (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                                    "memory: you tried to allocate 73728000000 bytes. Error code 12"), 2)]:
         with pytest.raises(SystemExit) as e:
             main_guard(fails(exc))
         err = capsys.readouterr().err
