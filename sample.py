@@ -103,9 +103,10 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
 
 @torch.no_grad()
 def generate_batches(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
-                     sampler=None, negative_emb=None, batch_size=16, callback=None, progress=False):
+                     sampler=None, negative_emb=None, batch_size=16, callback=None, progress=False, repeat=1):
     """generate(), a batch at a time: yields (index of the batch's first image, its images, NFE per image)
-    as each batch is decoded, so a caller can write them before the next batch is sampled."""
+    as each batch is decoded, so a caller can write them before the next batch is sampled. repeat: each
+    prompt embedding stands for that many images in a row (sample.py --num), picked out a batch at a time."""
     from latents import tensor_to_images
     text, mask = prompt_emb
     if cfg.trim_text:  # padding is never attended: cut it once for all steps (same images, faster)
@@ -119,18 +120,20 @@ def generate_batches(model, latent_space, prompt_emb, cfg, seed=0, size=None, st
     method = sampler or cfg.sampler
     device = text.device
     shift = sampling_shift(cfg, h // f, w // f)
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(text.shape[0])]
+    n = text.shape[0] * repeat
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(n)]
     # progress: a bar over the images, shown in a terminal only (disable=None), gone when done
-    bar = tqdm(total=text.shape[0], desc="sampling", unit="img", leave=False, disable=None if progress else True)
+    bar = tqdm(total=n, desc="sampling", unit="img", leave=False, disable=None if progress else True)
     try:
-        for start in range(0, text.shape[0], batch_size):
-            idx = range(start, min(start + batch_size, text.shape[0]))
+        for start in range(0, n, batch_size):
+            idx = range(start, min(start + batch_size, n))
+            rows = torch.arange(idx.start, idx.stop, device=device) // repeat  # the prompt of each image
             noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
                                              generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
             neg = None
             if negative_emb is not None:
                 neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
-            velocity = S.guided_velocity_fn(model, text[idx.start:idx.stop], mask[idx.start:idx.stop], scale,
+            velocity = S.guided_velocity_fn(model, text[rows], mask[rows], scale,
                                             S.Prediction.from_config(cfg),
                                             neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
             with bf16_autocast(cfg, device):
@@ -443,8 +446,7 @@ def main():
                   f"{', '.join(f'{w}x{h}' for w, h in trained)}): expect worse images", file=sys.stderr)
     latent_space = latent_space_for(cfg, device)
     all_prompts = [p for p in prompts for _ in range(args.num)]
-    text, mask = encode_prompts(cfg, prompts, device)
-    text, mask = text.repeat_interleave(args.num, 0), mask.repeat_interleave(args.num, 0)
+    text, mask = encode_prompts(cfg, prompts, device)  # one per prompt: --num of them are not copies in memory
     negative = None
     if args.negative is not None:
         nt, nm = encode_prompts(cfg, [args.negative], device)
@@ -460,7 +462,8 @@ def main():
     images, nfe = [], 0  # --out a file: all images, for the grid; a folder: each batch written when it is done
     try:
         for start, batch, nfe in generate_batches(model, latent_space, (text, mask), cfg, seeds, size, args.steps,
-                                                  args.cfg, args.sampler, negative, args.batch, progress=True):
+                                                  args.cfg, args.sampler, negative, args.batch, progress=True,
+                                                  repeat=args.num):
             if not separate:
                 images += batch
                 continue

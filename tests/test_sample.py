@@ -471,3 +471,26 @@ def test_a_prompt_that_is_not_utf8_and_weights_that_do_not_fit_say_what(tiny_run
     r = run(tiny_run, "--checkpoint", str(foreign), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"))
     assert r.returncode == 2 and "does not match" in r.stderr and "Missing key(s)" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_num_does_not_copy_the_prompt_embeddings(tiny_run, tmp_path, monkeypatch, capsys):
+    """--num N: the N images of a prompt share its embedding, picked out a batch at a time; the text was
+    copied N times up front (on a GPU, prompts x N x max_token_length x text_dim floats whatever --batch, so
+    --batch could not help an out of memory there). The images are the same as with --num 1 and --seed + j."""
+    import sample
+    real, rows = sample.generate_batches, []
+
+    def recording(model, space, prompt_emb, *a, **k):
+        rows.append(prompt_emb[0].shape[0])
+        return real(model, space, prompt_emb, *a, **k)
+    monkeypatch.setattr(sample, "generate_batches", recording)
+    other = "a small blue square in the top left on a black background"
+    code, err = run_in_process(monkeypatch, capsys, tiny_run, "--prompt", PROMPT, "--prompt", other, "--num", "3",
+                               "--steps", "2", "--batch", "2", "--device", "cpu", "--out", f"{tmp_path / 'all'}/")
+    assert code == 0 and rows == [2], (rows, err)
+    code, err = run_in_process(monkeypatch, capsys, tiny_run, "--prompt", other, "--seed", "2", "--steps", "2",
+                               "--device", "cpu", "--out", str(tmp_path / "one.png"))
+    names = sorted(os.listdir(tmp_path / "all"))
+    assert code == 0 and len(names) == 6 and names[5].endswith("_seed2.png"), names
+    alone = np.asarray(Image.open(tmp_path / "one.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "all" / names[5])), alone)
