@@ -17,6 +17,7 @@ them back (SDEdit, Meng et al. 2022): an attribute whose score drops between two
 model loses in that noise range, which tells where training time should go (see the README).
 """
 import argparse
+import math
 import os
 import sys
 import time
@@ -192,6 +193,13 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
         if os.path.isfile(src):
             c, h, w = it["latents"].shape
             real.append(resize_and_crop(load_image(src), (w * cfg.vae_downsample, h * cfg.vae_downsample)))
+    if len(real) < 2:
+        return None, "FID skipped: held-out source images not found"
+    try:  # a TorchScript file that is not an Inception-like network: said before any image is generated
+        real_features = inception_features(net, real, device)
+    except Exception as e:  # (TorchScript's message ends in the Python error's line)
+        return None, (f"FID skipped: {inception_path} does not map (N, 3, 299, 299) images to features "
+                      f"({(str(e).strip().splitlines() or [type(e).__name__])[-1][:120]})")
     space = latent_space_for(cfg, device)
     by_bucket = {}  # latent (h, w) -> indices of the held-out items: one batched generate() per bucket
     for i, it in enumerate(items):
@@ -205,9 +213,13 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
                           sampler=sampler, batch_size=batch_size, progress=True)
         for i, image in zip(idx, images):
             fake[i] = image
-    if len(real) < 2:
-        return None, "FID skipped: held-out source images not found"
-    fid = frechet_distance(inception_features(net, real, device), inception_features(net, fake, device))
+    try:
+        fid = frechet_distance(real_features, inception_features(net, fake, device))
+    except RuntimeError as e:  # e.g. features that are not finite: eigh does not converge
+        fid, why = None, str(e).splitlines()[0][:120]
+    if fid is None or not math.isfinite(fid):
+        return None, (f"FID skipped: {inception_path} gave features it cannot be computed from "
+                      f"({why if fid is None else fid})")
     return fid, f"FID {fid:.2f} ({len(fake)} generated vs {len(real)} held-out images)"
 
 

@@ -67,6 +67,39 @@ def test_fid_with_a_local_feature_network(tiny_run, tmp_path, monkeypatch):
     assert none is None and "junk.pt is not a TorchScript network" in message
 
 
+def test_fid_with_a_network_that_is_not_an_inception_is_skipped(tiny_run, tmp_path, monkeypatch):
+    """A TorchScript file that takes other inputs, or gives features FID cannot be computed from (nan): 'FID
+    skipped' with why (evaluate.py printed a traceback and lost the report's validation loss), and a network
+    that cannot read the images is found out before any image is generated."""
+    from evaluate import evaluate_fid
+    from sample import load_run
+
+    class Linear(torch.nn.Module):  # e.g. a classifier head saved on its own
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(10, 4)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    class NanFeatures(torch.nn.Module):
+        def forward(self, x):
+            return x.mean((2, 3)) * float("nan")
+
+    cfg, model = load_run(tiny_run)
+    import sample
+    calls = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    for net, expected in ((Linear(), "does not map (N, 3, 299, 299) images to features (RuntimeError: mat1"),
+                          (NanFeatures(), "gave features it cannot be computed from")):
+        path = tmp_path / f"{type(net).__name__}.pt"
+        torch.jit.script(net).save(str(path))
+        fid, message = evaluate_fid(cfg, model, torch.device("cpu"), str(path), steps=1)
+        assert fid is None and message.startswith(f"FID skipped: {path} {expected}"), message
+        assert len(calls) == (0 if isinstance(net, Linear) else 1)
+
+
 def test_bad_arguments_are_one_line(tiny_run, tmp_path):
     for args in (["--steps", "0"], ["--per-pair", "-1"], ["--inception", str(tmp_path / "missing.pt")],
                  ["--cfg", "nan"], ["--seed", str(2 ** 70)], ["--steps", str(10 ** 20)], ["--per-pair", "100000"],
