@@ -25,7 +25,8 @@ PLOTTED_ELSEWHERE = ("step", "epoch", "loss", "lr")  # and loss_t*, gate_*: not 
 def read_csv_columns(path: str) -> dict:
     """{column: list of floats} from a CSV with a header; blank or unparseable cells become NaN, rows
     without a step (e.g. a line being written while we read) are skipped."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:  # garbage bytes cost their rows
+    # garbage bytes cost their rows; utf-8-sig: a byte order mark (a log saved from Excel) is not in the header
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader, rows = csv.DictReader(f), []
         while True:
             try:

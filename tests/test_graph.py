@@ -155,3 +155,16 @@ def test_a_garbled_stretch_costs_its_rows_not_the_graphs(tmp_path):
     assert cols["step"][:10] == [25.0 * (i + 1) for i in range(10)] and cols["step"][-1] == 275.0
     assert G.read_csv_columns(os.path.join(run, "val.csv"))["step"] == [100.0, 250.0]
     assert "loss.png" in [os.path.basename(p) for p in G.make_graphs(run)]
+
+
+def test_a_log_saved_with_a_byte_order_mark_reads(tmp_path):
+    """log.csv / val.csv saved from Excel ("CSV UTF-8") start with a BOM: the step column is still 'step' (it
+    was '\ufeffstep', and the graphs an 'empty log' error)."""
+    run = write_log(str(tmp_path / "run"), rows=5)
+    path = os.path.join(run, "log.csv")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + data)
+    assert G.read_csv_columns(path)["step"] == [25.0, 50.0, 75.0, 100.0, 125.0]
+    assert "loss.png" in [os.path.basename(p) for p in G.make_graphs(run)]
