@@ -22,9 +22,8 @@ BUCKET_COLUMN = re.compile(r"^loss_t(\d+)$")
 PLOTTED_ELSEWHERE = ("step", "epoch", "loss", "lr")  # and loss_t*, gate_*: not in stats.png
 
 
-def read_csv_columns(path: str) -> dict:
-    """{column: list of floats} from a CSV with a header; blank or unparseable cells become NaN, rows
-    without a step (e.g. a line being written while we read) are skipped."""
+def csv_rows(path: str) -> list:
+    """The rows (dicts) of a CSV with a header; what is damaged costs its own lines, not the file."""
     # garbage bytes cost their rows; utf-8-sig: a byte order mark (a log saved from Excel) is not in the header
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         reader, rows = csv.DictReader(f), []
@@ -32,9 +31,15 @@ def read_csv_columns(path: str) -> dict:
             try:
                 rows.append(next(reader))
             except StopIteration:
-                break
+                return rows
             except csv.Error:  # a stray quote with a long tail, an overlong line: those lines, not the file
                 continue
+
+
+def read_csv_columns(path: str) -> dict:
+    """{column: list of floats} from a CSV with a header; blank or unparseable cells become NaN, rows
+    without a step (e.g. a line being written while we read) are skipped."""
+    rows = csv_rows(path)
     if not rows or "step" not in rows[0]:
         return {}
     columns = {name: [] for name in rows[0] if name is not None}

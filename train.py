@@ -44,9 +44,9 @@ class CSVLog:
     def __init__(self, path, resumed_at, columns):
         self.path, self.columns = path, columns
         if os.path.exists(path) and resumed_at is not None:
-            with open(path, newline="", encoding="utf-8", errors="replace") as f:
-                rows = [r for r in csv.DictReader(f) if None not in r.values() and None not in r
-                        and r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
+            from generate_graph import csv_rows  # (a byte order mark or a garbled line costs no other rows)
+            rows = [r for r in csv_rows(path) if None not in r.values() and None not in r
+                    and r.get("step", "").isdigit() and int(r["step"]) <= resumed_at]
             write_atomic(path, lambda tmp: self.write_all(tmp, rows))
         elif not os.path.exists(path):
             self.write_all(path, [])

@@ -168,3 +168,20 @@ def test_a_log_saved_with_a_byte_order_mark_reads(tmp_path):
         f.write(b"\xef\xbb\xbf" + data)
     assert G.read_csv_columns(path)["step"] == [25.0, 50.0, 75.0, 100.0, 125.0]
     assert "loss.png" in [os.path.basename(p) for p in G.make_graphs(run)]
+
+
+def test_a_resumed_run_keeps_the_rows_of_a_log_with_a_bom_or_a_garbled_line(tmp_path):
+    """train.py's CSVLog on resume reads the log as generate_graph.py does: a byte order mark dropped every row
+    (no 'step' column), a stray quote with a long tail was a csv.Error traceback."""
+    from train import CSVLog
+    path = str(tmp_path / "log.csv")
+    log = CSVLog(path, None, LOG_COLUMNS)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 0.5})
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(b"\xef\xbb\xbf" + data + b'4,0,"0.5\n' + b"x" * 200_000 + b"\n")
+    CSVLog(path, 2, LOG_COLUMNS)  # resumed at step 2: the rows up to it stay, the later and damaged ones go
+    with open(path, newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
