@@ -37,6 +37,10 @@ def summarise_cache(cfg, manifest) -> dict:
             assert d["text"].shape == (cfg.max_token_length, cfg.text_dim), f"text {tuple(d['text'].shape)}"
             assert d["mask"].shape == (cfg.max_token_length,), f"mask {tuple(d['mask'].shape)}"
             assert z.isfinite().all() and d["text"].isfinite().all(), "values that are not finite (nan, inf)"
+            if "sum" in e:  # the latents' sums when written: a damaged file of the same size loads without error
+                sums = z.double().flatten(1).sum(1)
+                assert torch.allclose(sums, torch.tensor(e["sum"], dtype=torch.float64), rtol=1e-6, atol=1e-3), \
+                    "latents differ from those written (their sums per channel)"
         except Exception as err:
             bad.append(path)
             tqdm.write(f"warning: {path}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
@@ -160,7 +164,10 @@ def main():
           f"{len(stats['per_bucket'])} buckets" + (f"; wrote {len(written)} PNGs to "
                                                    f"{os.path.join(cfg.cache_dir, 'check')}" if written else "")
           + (f"; {len(not_written)} PNGs not written" if not_written else ""))
-    # for scripts: a damaged cache is a failure (preprocess.py re-encodes those files), as are missing PNGs
+    if stats["bad"]:  # preprocess.py re-encodes a missing file; one of the right size it cannot tell from a good one
+        print(f"{len(stats['bad'])} damaged file(s) (named above): delete them and run python preprocess.py to "
+              "re-encode them", file=sys.stderr)
+    # for scripts: a damaged cache is a failure, as are missing PNGs
     if stats["bad"] or not_written:
         sys.exit(1)
 
