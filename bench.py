@@ -316,6 +316,9 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
     result = {"preset": cfg.run_name, "device": name, "batch_size": cfg.batch_size,
               "resolution": cfg.target_resolution, "tokens_text": cfg.max_token_length}
+    if compare_overrides is not None and only and set(only) != {"train"}:
+        raise ConfigError(f"--compare times training steps only, not --only {','.join(only)}: time those without "
+                          "--compare, once per setting")
     if compare_overrides is not None:
         cfg_b = apply_overrides(cfg, compare_overrides).validate()
         same = [f"{k}={v}" for k, v in compare_overrides.items() if getattr(cfg_b, k) == getattr(cfg, k)]

@@ -38,7 +38,8 @@ def test_bad_settings_are_one_line():
     for args, start in [(["steps=many"], "error: steps="), (["steps=0"], "error: steps=0: must be >= 1"),
                         (["padded=2"], "error: padded=2"), (["--compare"], "error: --compare:"),
                         (["--compare", "depth"], "error: --compare depth:"), (["--only"], "error: --only"),
-                        (["--only", "speed"], "error: --only speed")]:
+                        (["--only", "speed"], "error: --only speed"),
+                        (["--only", "sample", "--compare", "depth=2"], "error: --compare times training steps only")]:
         r = run("tiny", *args)
         assert r.returncode == 2 and r.stderr.startswith(start) and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
