@@ -260,7 +260,9 @@ def main():
     cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
     step = run_step(args.run_dir, args.checkpoint)
-    out_dir = os.path.join(args.run_dir, "eval", *([f"step_{step}"] if args.checkpoint is not None else []))
+    # an earlier checkpoint's scores in eval/step_<N>/ (a renamed file that holds no step: eval/<its name>/)
+    named = f"step_{step}" if step is not None else os.path.splitext(os.path.basename(str(args.checkpoint)))[0]
+    out_dir = os.path.join(args.run_dir, "eval", *([named] if args.checkpoint is not None else []))
     os.makedirs(out_dir, exist_ok=True)
     report = {"trained_steps": step, "sampler": args.sampler or cfg.sampler,
               "steps": args.steps or cfg.sample_steps, "cfg_scale": cfg.cfg_scale if args.cfg is None else args.cfg,

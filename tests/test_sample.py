@@ -365,6 +365,13 @@ def test_checkpoint_picks_an_earlier_step(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr
     report = json.load(open(os.path.join(tiny_run, "eval", f"step_{step}", "eval.json")))
     assert report["trained_steps"] == step
+    state = torch.load(first, map_location="cpu", weights_only=False)
+    del state["step"]
+    torch.save(state, tmp_path / "no_step.pt")                       # a copy that holds no step: named by its file
+    r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--checkpoint", str(tmp_path / "no_step.pt"),
+                        "--steps", "1", "--per-pair", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert os.path.isfile(os.path.join(tiny_run, "eval", "no_step", "eval.json"))
 
 
 def test_out_folder_writes_one_png_per_image(tiny_run, tmp_path):
