@@ -39,6 +39,7 @@ SAMPLING_SETTINGS = ("prediction", "x_pred_t_min", "sigma_data", "latent_space",
                      "text_encoder", "text_encoder_type", "text_layer", "max_token_length")
 MAX_IMAGE_TOKENS = 256 * 256  # --size: patches per image
 MAX_SAMPLE_STEPS = 10000  # --steps (sample.py, evaluate.py)
+MAX_IMAGES = 10 ** 6  # images in one call (prompts x --num): far more than an FID set; more only fills memory
 
 
 def encode_prompts(cfg, prompts, device, chunk=64):
@@ -413,6 +414,8 @@ def main():
         raise ConfigError("no prompt: use --prompt \"...\" or --prompts-file F")
     if args.num < 1:
         raise ConfigError(f"--num {args.num}: must be >= 1")
+    if len(prompts) * args.num > MAX_IMAGES:
+        raise ConfigError(f"--num {args.num}: {len(prompts)} prompt(s) x {args.num} is more than {MAX_IMAGES} images")
     if args.batch < 1:
         raise ConfigError(f"--batch {args.batch}: must be >= 1")
     check_sampling_options(args)

@@ -68,6 +68,7 @@ def test_bad_input_gives_one_line_errors(tiny_run, tmp_path):
         (tiny_run, "--prompt", PROMPT, "--out", str(tmp_path / "x.psd")),  # Pillow reads it, cannot write it
         (tiny_run, "--prompt", PROMPT, "--negative", " "),
         (tiny_run, "--prompt", PROMPT, "--batch", "0"),
+        (tiny_run, "--prompt", PROMPT, "--prompt", "b", "--num", "500001"),  # (10**11 filled memory: killed)
     ]
     for args in cases:
         r = run(*args, *([] if "--out" in args else ["--out", str(tmp_path / "x.png")]))
