@@ -957,10 +957,19 @@ def test_check_cache_compares_with_the_image_as_preprocess_decoded_it(tmp_path, 
     assert line.endswith("PSNR inf dB"), line
 
 
+def check_cache_exit(tiny_data, cache, monkeypatch, capsys) -> tuple:
+    """(exit code, stdout, stderr) of check_cache.py on the tiny preset's data with this cache."""
+    import check_cache
+    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
+                                      f"cache_dir={cache}"])
+    with pytest.raises(SystemExit) as exit_code:
+        check_cache.main()
+    return (exit_code.value.code, *capsys.readouterr())
+
+
 def test_check_cache_reports_a_file_without_a_mask_or_with_nan_latents(tiny_data, tmp_path, monkeypatch, capsys):
     """A cache file that loads but is not what preprocess.py writes (no mask, a mask of another kind) or holds
     nan latents is damaged: a warning naming it and exit code 1, not a traceback or nan statistics."""
-    import check_cache
     cache = tmp_path / "cache"
     shutil.copytree(tiny_data["cache_dir"], cache)
     files = sorted(f for f in os.listdir(cache) if f.endswith(".pt"))
@@ -974,29 +983,20 @@ def test_check_cache_reports_a_file_without_a_mask_or_with_nan_latents(tiny_data
             else:
                 d[key] = value
         torch.save(d, cache / name)
-    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
-                                      f"cache_dir={cache}"])
-    with pytest.raises(SystemExit) as exit_code:
-        check_cache.main()
-    out, err = capsys.readouterr()
-    assert exit_code.value.code == 1 and "(3 damaged)" in out and "nan" not in out.split("latent mean")[1]
+    code, out, err = check_cache_exit(tiny_data, cache, monkeypatch, capsys)
+    assert code == 1 and "(3 damaged)" in out and "nan" not in out.split("latent mean")[1]
     assert all(f"{name}:" in err for name in files[:3]), err
 
 
 def test_check_cache_finds_latents_changed_in_a_file_that_loads(tiny_data, tmp_path, monkeypatch, capsys):
     """Bytes changed in a cache file's tensor data (a failing disk, a bad copy) load without error: its latents
     are checked against the sums the manifest recorded when it was written, and the fix is named."""
-    import check_cache
     cache = tmp_path / "cache"
     shutil.copytree(tiny_data["cache_dir"], cache)
     name = sorted(f for f in os.listdir(cache) if f.endswith(".pt"))[1]
     d = torch.load(cache / name, weights_only=True)
     d["latents"][0, 0, 0] += 0.5  # one value, as a flipped bit in its exponent or mantissa would change it
     torch.save(d, cache / name)
-    monkeypatch.setattr(sys, "argv", ["check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
-                                      f"cache_dir={cache}"])
-    with pytest.raises(SystemExit) as exit_code:
-        check_cache.main()
-    out, err = capsys.readouterr()
-    assert exit_code.value.code == 1 and "(1 damaged)" in out
+    code, out, err = check_cache_exit(tiny_data, cache, monkeypatch, capsys)
+    assert code == 1 and "(1 damaged)" in out
     assert f"{name}: AssertionError: latents differ" in err and "delete them and run python preprocess.py" in err
