@@ -309,14 +309,14 @@ def read_caption(image_path: str, root: str = None) -> str:
     return text
 
 
-def find_images(data_dir: str, skip_dir: str = None, unlisted: list = None) -> list:
-    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dir left out).
+def find_images(data_dir: str, skip_dirs=(), unlisted: list = None) -> list:
+    """Relative POSIX paths of all images under data_dir (sorted; hidden folders and skip_dirs left out).
     Images in other formats (OTHER_IMAGE_EXTS) are counted in one warning. Folders that cannot be listed
     and links (without an extension) to what is not there, a folder on a drive not mounted, are named in a
     warning each and appended to unlisted (relative POSIX paths), if given: preprocess keeps what it
     cached from them."""
     found, others = [], []
-    skip = os.path.abspath(skip_dir) if skip_dir else None
+    skip = {os.path.abspath(d) for d in skip_dirs}  # the cache, the runs (their sample grids): not data
     seen = {os.path.realpath(data_dir)}  # linked folders are followed once: a link back up is no loop
 
     def left_out(path, why):  # say so: its images would silently be missing
@@ -331,7 +331,7 @@ def find_images(data_dir: str, skip_dir: str = None, unlisted: list = None) -> l
         keep = []
         for d in sorted(dirs):
             path = os.path.join(root, d)
-            if d.startswith(".") or os.path.abspath(path) == skip or os.path.realpath(path) in seen:
+            if d.startswith(".") or os.path.abspath(path) in skip or os.path.realpath(path) in seen:
                 continue
             seen.add(os.path.realpath(path))
             keep.append(d)

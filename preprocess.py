@@ -284,7 +284,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
 
     # what needs encoding: new or changed images (and previously skipped ones whose files changed)
     unlisted = []  # folders that could not be listed just now (a permission, an unmounted drive)
-    sources = find_images(cfg.data_dir, skip_dir=cfg.cache_dir, unlisted=unlisted)
+    sources = find_images(cfg.data_dir, skip_dirs=(cfg.cache_dir, cfg.out_dir), unlisted=unlisted)
     if not sources:
         raise CacheError(f"data_dir={cfg.data_dir}: no images ({', '.join(IMAGE_EXTS)}) found in it")
     kept, kept_skipped, todo = plan_encoding(cfg, sources, old_entries, old_skipped, say)

@@ -105,6 +105,18 @@ def test_area_kept_and_a_warning_for_images_cropped_hard(tmp_path, t5_dir, capsy
     assert "centre crop" not in capsys.readouterr().err
 
 
+def test_runs_and_cache_inside_the_data_folder_are_not_data(tmp_path, t5_dir, capsys):
+    """out_dir and cache_dir inside data_dir: the runs' sample grids are no training images (each was a
+    'missing caption' warning)."""
+    inside = tmp_path / "data"
+    cfg = pixel_cfg(tmp_path, t5_dir, cache_dir=str(inside / "cache"), out_dir=str(inside / "runs"))
+    make_image_folder(cfg.data_dir, [(32, 32), (40, 24)])
+    os.makedirs(os.path.join(cfg.out_dir, "x", "samples"))
+    make_image(32, 32).save(os.path.join(cfg.out_dir, "x", "samples", "step_0000100.png"))
+    assert sorted(P.ensure_cache(cfg)["entries"]) == ["img_000.png", "img_001.png"]
+    assert "warning" not in capsys.readouterr().err
+
+
 # --- reading images --------------------------------------------------------------------------------------
 
 def save_and_load(img, tmp_path, name="x.png", **save_kw):
@@ -252,6 +264,9 @@ def test_find_images_follows_linked_folders_once_and_names_unlistable_ones(tmp_p
     assert capsys.readouterr().err.splitlines() == [
         f"warning: data_dir={data}: 3 image(s) in a format preprocess does not read are left out (.dng, .heic; "
         "e.g. IMG_0001.HEIC): convert them to png, jpg or webp"]
+    assert images.find_images(str(data), skip_dirs=[str(data / "sub"), str(data / "no_such")]) == \
+        ["a.png", "d.tiff", "e.bmp", "f.gif", "linked/c.webp"]  # (the cache, the runs: out_dir=data/runs)
+    capsys.readouterr()
     real_scandir = os.scandir
 
     def no_permission_for_sub(path="."):  # what a chmod 000 folder does to a user who is not root
