@@ -62,17 +62,28 @@ def _hub_error_line(err: Exception) -> str:
 def load_vae(cfg: Config, device="cpu", dtype=torch.float32):
     """diffusers AutoencoderKL from cfg.vae (hub id or local folder), in eval mode, no grad."""
     from diffusers import AutoencoderKL  # heavy import: only when a VAE is really needed
+    from diffusers.utils import logging as diffusers_logging
 
     check_local_folder("vae", cfg.vae)
     local = os.path.isdir(cfg.vae)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its list of missing weights: we say it in one line below
     try:
-        vae = AutoencoderKL.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder or None,
-                                            torch_dtype=dtype, local_files_only=files_only(cfg.vae),
-                                            low_cpu_mem_usage=False)
+        vae, info = AutoencoderKL.from_pretrained(cfg.vae, subfolder=cfg.vae_subfolder or None,
+                                                  torch_dtype=dtype, local_files_only=files_only(cfg.vae),
+                                                  low_cpu_mem_usage=False, output_loading_info=True)
     except Exception as e:  # OSError, EnvironmentError, HTTP errors, bad config: one line for the user
         where = "local folder" if local else f"hub id ({HUB_HINT})"
         raise ConfigError(f"vae={cfg.vae!r} (vae_subfolder={cfg.vae_subfolder!r}): cannot load an "
                           f"AutoencoderKL from this {where}: {_hub_error_line(e)}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # diffusers leaves weights missing from the checkpoint uninitialised (a config that does not fit its
+    # weights, a decoder-less file): latents and images would be garbage, so refuse as text_encoder.py does
+    if info["missing_keys"]:
+        raise ConfigError(f"vae={cfg.vae!r} (vae_subfolder={cfg.vae_subfolder!r}): {len(info['missing_keys'])} "
+                          f"VAE weights are not in the checkpoint (e.g. {sorted(info['missing_keys'])[0]}); "
+                          "they would be random")
     check_vae_matches(cfg, vae.config)
     return vae.to(device).eval().requires_grad_(False)
 

@@ -127,3 +127,18 @@ def test_a_vae_path_that_is_not_there_is_no_such_folder_not_a_hub_id(tmp_path, v
     for path in ("/tmp/vae", "./vae", "../vae", "~/vae", ".vae", "models/flux/vae", "org/name/"):
         assert looks_like_path(path), path
     assert LatentSpace.from_config(flux_cfg(vae_dir)).vae is not None  # an existing folder still loads
+
+
+def test_a_vae_checkpoint_missing_weights_is_refused(vae_dir, tmp_path, capsys):
+    """diffusers loads a checkpoint without some weights (here the decoder's) with those left uninitialised and
+    a warning listing them: every latent or image would be garbage. One line naming the VAE instead."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    partial = str(tmp_path / "partial")
+    shutil.copytree(vae_dir, partial)
+    weights = f"{partial}/diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.")}, weights)
+    with pytest.raises(ConfigError, match="VAE weights are not in the checkpoint") as e:
+        LatentSpace.from_config(flux_cfg(partial))
+    assert "\n" not in str(e.value) and "decoder." in str(e.value)
+    assert "newly initialized" not in capsys.readouterr().err  # not diffusers' list of every missing weight
