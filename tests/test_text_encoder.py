@@ -152,6 +152,20 @@ def test_a_folder_without_its_tokenizer_is_refused(tmp_path, monkeypatch):
         load_text_encoder(get_config("tiny", text_encoder=str(tmp_path / name), **settings))  # with it: fine
 
 
+def test_a_t5gemma2_folder_without_its_tokenizer_says_so(tmp_path):
+    """The flowers preset's type: without tokenizer.json its tokenizer does not load at all, and transformers'
+    error said only "Couldn't instantiate the backend tokenizer from one of:" (the why on lines cut off)."""
+    import shutil
+    save_tiny_t5gemma2(str(tmp_path / "t5g"))
+    bare = tmp_path / "t5g_bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tmp_path / "t5g" / f, bare / f)
+    with pytest.raises(ConfigError, match="the folder has no tokenizer files; copy them") as e:
+        load_text_encoder(get_config("tiny", text_encoder=str(bare), text_dim=32, max_token_length=12))
+    assert str(e.value).startswith(f"text_encoder={str(bare)!r}: cannot load its tokenizer") and "\n" not in str(e.value)
+
+
 def test_a_dual_tower_model_gives_its_text_tower(tmp_path):
     """SigLIP-like checkpoints (text + vision towers in one model) load as `encoder`: the text tower encodes."""
     from transformers import SiglipConfig, SiglipModel
