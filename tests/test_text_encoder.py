@@ -166,6 +166,27 @@ def test_a_t5gemma2_folder_without_its_tokenizer_says_so(tmp_path):
     assert str(e.value).startswith(f"text_encoder={str(bare)!r}: cannot load its tokenizer") and "\n" not in str(e.value)
 
 
+def test_a_sentencepiece_only_tokenizer_loads(tmp_path):
+    """T5 v1.1 and SigLIP checkpoints ship spiece.model without a tokenizer.json: transformers converts it, which
+    needs protobuf (without it: "`tiktoken` is required to read a `tiktoken` file" for T5, "SiglipTokenizer
+    requires the protobuf library" for SigLIP), hence protobuf in requirements.txt."""
+    import json
+    import os
+    import sentencepiece as spm
+    save_tiny_t5(str(tmp_path))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        os.remove(tmp_path / name)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CAPTIONS[:2] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spiece"), vocab_size=24,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    os.remove(corpus)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    encoder = load_text_encoder(get_config("tiny", text_encoder=str(tmp_path), text_dim=32, max_token_length=12))
+    emb, mask = encoder.encode(["a red circle", "a blue square"])
+    assert mask.sum() > 2 and not torch.equal(emb[0], emb[1])
+
+
 def test_a_dual_tower_model_gives_its_text_tower(tmp_path):
     """SigLIP-like checkpoints (text + vision towers in one model) load as `encoder`: the text tower encodes."""
     from transformers import SiglipConfig, SiglipModel
