@@ -40,7 +40,7 @@ from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreada
                    check_manifest, delete_unreferenced, fingerprint, latent_stats, load_manifest, same_folder,
                    write_manifest)
 from checkpoint import WriteError, write_atomic
-from config import Config, main_guard, native_bf16, parse_args, resolve_device
+from config import Config, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, decode_min_side, find_images, load_image, make_buckets,
                     read_caption, resize_and_crop, upscale_needed)
 
@@ -211,8 +211,8 @@ def encode_device_and_dtype(cfg: Config, distributed: bool):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     else:
         device = resolve_device(cfg.device)
-    bf16 = native_bf16(device) and cfg.mixed_precision != "fp32"  # older GPUs: fp32 (fp16 overflows in T5s, VAEs)
-    return device, (torch.bfloat16 if bf16 else torch.float32)
+    from text_encoder import default_dtype
+    return device, default_dtype(device, cfg.mixed_precision)  # older GPUs: fp32 (fp16 overflows in T5s, VAEs)
 
 
 def plan_encoding(cfg: Config, sources: list, old_entries: dict, old_skipped: dict, say=print) -> tuple:

@@ -106,10 +106,11 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def default_dtype(device) -> torch.dtype:
+def default_dtype(device, mixed_precision: str = "auto") -> torch.dtype:
     """bf16 on GPUs with native bf16 (how T5/T5Gemma were trained), else fp32 (bf16 is slow on CPUs and
-    emulated on pre-Ampere GPUs; T5s overflow in fp16)."""
-    return torch.bfloat16 if native_bf16(device) else torch.float32
+    emulated on pre-Ampere GPUs; T5s overflow in fp16); fp32 when mixed_precision=fp32, as preprocess.py encodes
+    then (prompts at sampling time must be encoded as the cached captions were)."""
+    return torch.bfloat16 if native_bf16(device) and mixed_precision != "fp32" else torch.float32
 
 
 def check_tokenizer(tokenizer, name: str):
@@ -161,7 +162,7 @@ def load_text_encoder(cfg: Config, device="cpu", dtype=None) -> TextEncoder:
         raise ConfigError(f"text_layer={cfg.text_layer}: {cfg.text_encoder!r} has {layers + 1} hidden states "
                           f"(text_layer from -{layers + 1} to {layers})")
 
-    dtype = dtype or default_dtype(device)
+    dtype = dtype or default_dtype(device, cfg.mixed_precision)
     model_class = getattr(transformers, CLASS_FOR_TYPE[kind])
     try:
         with quiet_transformers():

@@ -43,6 +43,20 @@ def test_t5gemma2_encoder_has_every_weight_from_the_checkpoint(tmp_path, full):
     assert mask[1].all() and mask[0].sum() == 5  # <bos> a red circle </s>; the long caption is truncated
 
 
+def test_prompts_are_encoded_in_the_precision_of_the_cache(tmp_path, monkeypatch):
+    """On a GPU with native bf16 the encoder runs in bf16, in fp32 with mixed_precision=fp32: the precision
+    preprocess.py encodes captions in, so that prompts at sampling time are encoded alike (they were bf16)."""
+    import preprocess
+    import text_encoder
+    save_tiny_t5(str(tmp_path / "t5"))
+    monkeypatch.setattr(text_encoder, "native_bf16", lambda device: True)  # as an Ampere-or-newer GPU says
+    for precision, dtype in (("auto", torch.bfloat16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = get_config("tiny", text_layer=-1, text_encoder=str(tmp_path / "t5"), text_dim=32,
+                         max_token_length=10, mixed_precision=precision)
+        assert next(load_text_encoder(cfg).model.parameters()).dtype == dtype, precision
+        assert preprocess.encode_device_and_dtype(cfg, distributed=False)[1] == dtype, precision
+
+
 def test_loading_the_encoder_class_directly_would_be_random(tmp_path):
     """Why text_encoder.py goes through T5Gemma2Model: the direct class silently keeps random weights."""
     from transformers import T5Gemma2Encoder
