@@ -68,8 +68,14 @@ def quiet_worker_exit(worker_id: int):
     KeyboardInterrupt). A signal to the whole process group (Slurm's scancel, docker stop) reaches the
     workers too; killed by it, they failed the step with a traceback. The main process finishes its step and
     saves (a batch it then misses from an ended worker counts as the stop: see loading_failure). Ignoring
-    the signal would block PyTorch's own terminate() of a stuck worker at exit."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    the signal would block PyTorch's own terminate() of a stuck worker at exit; under torchrun it is ignored
+    all the same: a rank that misses a batch cannot finish the step the other ranks wait in (the job would
+    stop without a checkpoint of it), and torchrun, which also passes its SIGTERM on to the workers' process
+    groups, ends them with SIGKILL after its --shutdown_timeout."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 def item_rng(seed: int, epoch: int, index: int) -> random.Random:

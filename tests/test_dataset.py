@@ -204,3 +204,26 @@ def test_loader_with_drop_last_gives_full_batches_only(cache):
     full_sizes = [len(b["captions"]) for b in full]
     assert min(sizes) < 3 and sum(sizes) == len(data)
     assert set(full_sizes) == {3} and len(full_sizes) == len(full_sampler) == sum(n // 3 for n in per_bucket)
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_dataloader_worker_leaves_a_sigterm_to_the_main_process(torchrun, monkeypatch):
+    """quiet_worker_exit: alone, a worker ends quietly on SIGTERM (KeyboardInterrupt, which PyTorch's worker loop
+    catches); under torchrun it ignores it: a rank whose worker ended cannot finish the step the other ranks wait
+    in, so the job stopped without checkpointing it (torchrun passes its SIGTERM on to the workers' groups)."""
+    import signal
+    from dataset import quiet_worker_exit
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        quiet_worker_exit(0)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            ended = False
+        except KeyboardInterrupt:  # (caught here: it would end the whole test session)
+            ended = True
+        assert ended == (not torchrun)
+    finally:
+        signal.signal(signal.SIGTERM, before)
