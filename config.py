@@ -374,6 +374,12 @@ def main_guard(main):
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as e:  # torch.OutOfMemoryError (torch is not imported here): one line, what it is
+        if "TORCHELASTIC_RUN_ID" in os.environ and ("gloo" in str(e) or "DistError" in map(
+                lambda c: c.__name__, type(e).__mro__)):  # under torchrun a collective failed: another process
+            # of the job ended (with its own line; e.g. rank 0 alone generates the shapes data and writes files)
+            why = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
+            print(f"error: another process of the job ended: {why}", file=sys.stderr)
+            sys.exit(2)
         if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
             raise  # (the CPU allocator's failure is a plain RuntimeError)
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}): fewer or smaller images at once need less",

@@ -119,6 +119,25 @@ def test_main_guard_turns_errors_and_ctrl_c_into_one_line_and_an_exit_code(capsy
         main_guard(fails(RuntimeError("a bug")))
 
 
+def test_main_guard_under_torchrun_a_collective_that_lost_a_process_is_one_line(capsys, monkeypatch):
+    """Under torchrun, rank 0 ending with an error (its own line) leaves the others in a collective (the cache's
+    barrier, the last one in train.py): gloo says so in a plain RuntimeError, NCCL in a DistError."""
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                        "[127.0.0.1]:4005. This is typically caused by a remote worker crashing.")
+
+    def fails():
+        raise gloo
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with pytest.raises(RuntimeError, match="Connection closed"):  # not under torchrun: kept as it is
+        main_guard(fails)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(SystemExit) as e:
+        main_guard(fails)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: another process of the job ended: Connection closed by peer "
+                                       "[127.0.0.1]:4005\n")
+
+
 def test_resolve_device_names_a_bad_or_missing_device():
     import torch
     from config import resolve_device

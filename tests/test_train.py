@@ -460,6 +460,44 @@ if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["RANK"] == "1":
     assert exported_step(os.path.join(cfg.run_dir, "model")) == 4
 
 
+def test_torchrun_rank_0_ending_with_an_error_is_one_line_on_every_rank(tiny_data, tmp_path):
+    """Rank 0 cannot write the last checkpoint (a full disk): it exports and ends with one line; rank 1, waiting
+    for it in the last barrier, stops with one line too (was a traceback from the barrier). The same for a
+    data_dir that rank 0 alone checks (it generates the shapes data)."""
+    from conftest import on_a_free_port
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("""
+import os
+if os.environ.get("TORCHELASTIC_RUN_ID"):
+    import checkpoint
+    real = checkpoint.save_checkpoint
+    def save(cfg, state, say=print):
+        if state["step"] == cfg.max_steps:
+            raise checkpoint.WriteError("step_0000004.pt: checkpoint not written (no space left)")
+        return real(cfg, state, say)
+    checkpoint.save_checkpoint = save
+""")
+    args = tiny_args(tiny_data, tmp_path, max_steps=4, run_name="full_disk")
+
+    def run(port):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(hooks), ROOT]))
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                 f"--master_port={port}", "train.py", "tiny"] + [f"{k}={v}" for k, v in args.items()],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return proc.communicate(timeout=300)[0]
+    out = on_a_free_port(run)
+    assert "error: step_0000004.pt: checkpoint not written" in out, out[-3000:]
+    assert "[rank1]: Traceback" not in out and "[rank0]: Traceback" not in out, out[-3000:]
+    # rank 0 alone refuses a data_dir (not a shapes set): rank 1 waited for it in the cache's barrier
+    stray = tmp_path / "not_shapes"
+    stray.mkdir()
+    (stray / "photo.png").write_bytes(b"not ours")
+    args.update(data_dir=str(stray), cache_dir=str(tmp_path / "stray_cache"), run_name="stray")
+    out = on_a_free_port(run)
+    assert "no generated shapes set" in out and "[rank1]: Traceback" not in out, out[-3000:]
+
+
 def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
     """Under torchrun: the cache is built by both ranks (a fresh cache_dir), each rank's noise/t stream is in
     the checkpoint, so 2 + resume + 2 steps equal 4 uninterrupted steps (with rank 0's stream on both ranks
