@@ -417,6 +417,8 @@ def summarise(cfg, manifest, new_entries, removed, new_skipped, seconds, say=pri
 
 
 def raise_interrupt(signum, frame):
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun passes its SIGTERM on twice: a second one, raised while
+        signal.signal(signum, signal.SIG_IGN)  # the first is handled, lost the manifest of what was encoded
     raise KeyboardInterrupt  # SIGTERM (a cluster's time limit, `kill`) keeps the work done, as Ctrl-C does
 
 

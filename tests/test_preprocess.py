@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import warnings
 
@@ -1015,3 +1016,21 @@ def test_check_cache_finds_latents_changed_in_a_file_that_loads(tiny_data, tmp_p
     code, out, err = check_cache_exit(tiny_data, cache, monkeypatch, capsys)
     assert code == 1 and "(1 damaged)" in out
     assert f"{name}: AssertionError: latents differ" in err and "delete them and run python preprocess.py" in err
+
+
+def test_under_torchrun_a_second_sigterm_does_not_cut_short_the_first(monkeypatch):
+    """torchrun passes its SIGTERM on to each worker twice: the first stops encoding (what was encoded goes into
+    the manifest), the second, raised while the ranks gathered their entries, lost that manifest."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    before = signal.getsignal(signal.SIGTERM)
+    raised = []
+    try:
+        signal.signal(signal.SIGTERM, P.raise_interrupt)
+        for _ in range(2):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+            except KeyboardInterrupt:  # (caught here: it would end the whole test session)
+                raised.append(1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert raised == [1]
