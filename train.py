@@ -474,6 +474,8 @@ def run_training(cfg: Config) -> dict:
             if peer_lost:
                 break
             stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
+            if cfg.max_minutes > 0:  # every rank on the agreed clock (the earliest started), so the checkpoint's
+                t_start = time.time() - time_frac * cfg.max_minutes * 60  # train_seconds is the one that stopped it
         else:
             stop["signal"] = stop["received"]
         out_of_time = time_frac >= 1.0

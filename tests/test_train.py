@@ -498,6 +498,32 @@ if os.environ.get("TORCHELASTIC_RUN_ID"):
     assert "no generated shapes set" in out and "[rank1]: Traceback" not in out, out[-3000:]
 
 
+def test_torchrun_a_resume_after_the_time_limit_trains_no_step(tiny_data, tmp_path):
+    """The ranks stop on the clock of the one that started first (rank 0 sets up the run folder and encodes the
+    prompts meanwhile, here 3 s): the checkpoint's clock is that one, so a resume trains no step (rank 0's own
+    clock was saved: every resume trained a few steps more and wrote another checkpoint)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text("""
+import os, time
+if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ["RANK"] == "0":
+    import sample
+    real = sample.encode_prompts
+    def slow(*a, **k):
+        time.sleep(3)
+        return real(*a, **k)
+    sample.encode_prompts = slow
+""")
+    args = tiny_args(tiny_data, tmp_path, max_steps=100000, checkpoint_every=100000, max_minutes=0.1, run_name="clock")
+    out = torchrun_with_hooks(hooks, args)
+    assert "stopped after max_minutes=0.1" in out, out[-3000:]
+    cfg = get_config("tiny", **args)
+    [saved] = C.list_checkpoints(cfg)
+    out = torchrun_with_hooks(hooks, dict(args, resume="auto"))
+    assert f"max_minutes=0.1 was used up at step {C.checkpoint_step(saved)}" in out, out[-3000:]
+    assert C.list_checkpoints(cfg) == [saved]
+
+
 def test_torchrun_resume_is_exact_and_keeps_each_ranks_noise(tiny_data, tmp_path, capsys):
     """Under torchrun: the cache is built by both ranks (a fresh cache_dir), each rank's noise/t stream is in
     the checkpoint, so 2 + resume + 2 steps equal 4 uninterrupted steps (with rank 0's stream on both ranks
