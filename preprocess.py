@@ -431,7 +431,8 @@ def main():
     if distributed:
         import torch.distributed as dist
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            from runtime import init_process_group
+            init_process_group()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     manifest = ensure_cache(cfg, force=force, distributed=distributed)

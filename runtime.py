@@ -3,6 +3,7 @@ bf16, fp16 or fp32), torch.compile, and moving a batch to the device."""
 import importlib.util
 import os
 from contextlib import nullcontext
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -11,14 +12,26 @@ import samplers as S
 from config import Config, native_bf16
 
 
+# how long a rank waits in a collective for the others: NCCL's default, 10 minutes, ends the job when the ranks
+# finish their shares of a long preprocessing that far apart (the other ranks' encoded files then are lost) or
+# rank 0 alone is slow (a checkpoint to a network disk); a process that dies ends the job at once anyway (torchrun)
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+
+
+def init_process_group():
+    """torchrun's process group: NCCL on GPUs, gloo on CPUs, with PROCESS_GROUP_TIMEOUT."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+    return backend
+
+
 def setup_distributed():
     """(rank, world_size, device) from torchrun's environment, or a single process."""
     if "RANK" not in os.environ:
         return 0, 1, None
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", 0))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    backend = init_process_group()
     device = torch.device(f"cuda:{local}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)

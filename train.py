@@ -32,8 +32,8 @@ from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoin
                         save_checkpoint, set_aside_earlier_run, step_files, unlock_run, write_atomic, write_json)
 from objective import flow_matching_loss, noise_like
 from optim import LossScale, lr_at, make_optimizer, optimizer_update
-from runtime import (allow_tf32, autocast_for, compile_for_training, precision_for, setup_distributed, to_device,
-                     triton_installed, use_compile)
+from runtime import (PROCESS_GROUP_TIMEOUT, allow_tf32, autocast_for, compile_for_training, precision_for,
+                     setup_distributed, to_device, triton_installed, use_compile)
 
 
 class CSVLog:
@@ -226,7 +226,8 @@ def run_training(cfg: Config) -> dict:
     train_model = compile_for_training(model, cfg, device)
     host_group = None  # the collectives on host values: the default group unless that one is NCCL (GPU only)
     if world > 1:
-        host_group = dist.new_group(backend="gloo") if dist.get_backend() == "nccl" else None
+        if dist.get_backend() == "nccl":
+            host_group = dist.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT)
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
         # the depthwise conv's weight gradient has another stride on its size-1 dimension: the same layout

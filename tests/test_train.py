@@ -333,6 +333,26 @@ def test_torchrun_two_processes_train_and_write_once(tiny_data, tmp_path, optimi
     assert os.path.isfile(os.path.join(run, "model", "model.safetensors"))
 
 
+def test_torchrun_ranks_wait_for_each_other_longer_than_nccls_ten_minutes():
+    """The process group (and train.py's host group) wait PROCESS_GROUP_TIMEOUT in a collective: with NCCL's
+    default of 10 minutes, ranks that finish their shares of a long preprocessing that far apart ended the job."""
+    from conftest import on_a_free_port
+    code = ("import torch, torch.distributed as dist, runtime; runtime.setup_distributed(); "
+            "print('timeout', dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))"
+            ".options._timeout.total_seconds())")
+
+    def run(port):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                   LOCAL_RANK="0")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+        return r.stdout + r.stderr
+
+    out = on_a_free_port(run)
+    assert f"timeout {runtime.PROCESS_GROUP_TIMEOUT.total_seconds()}" in out, out
+    assert runtime.PROCESS_GROUP_TIMEOUT.total_seconds() >= 3600
+
+
 def torchrun_with_hooks(hooks, args):
     """train.py tiny under torchrun (2 processes) with `hooks` (a folder with a sitecustomize.py) on the path."""
     from conftest import on_a_free_port
