@@ -41,6 +41,9 @@ def summarise_cache(cfg, manifest) -> dict:
                 sums = z.double().flatten(1).sum(1)
                 assert torch.allclose(sums, torch.tensor(e["sum"], dtype=torch.float64), rtol=1e-6, atol=1e-3), \
                     "latents differ from those written (their sums per channel)"
+            if "text_sum" in e:  # (caches from before it was recorded: not checked)
+                assert math.isclose(d["text"].double().sum().item(), e["text_sum"], rel_tol=1e-6, abs_tol=1e-3), \
+                    "text embeddings differ from those written (their sum)"
         except Exception as err:
             bad.append(path)
             tqdm.write(f"warning: {path}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)

@@ -178,7 +178,8 @@ def encode_files(cfg: Config, todo: list, latent_space, text_encoder, show_progr
             entries[source] = {"file": name, "bytes": size, "fingerprint": fp, "bucket": list(bucket),
                                "latent_shape": list(z.shape), "tokens": int(mask[i].sum()),
                                "area_kept": round(kept, 4), "sum": z64.sum(1).tolist(),
-                               "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1]}
+                               "sumsq": z64.pow(2).sum(1).tolist(), "count": z64.shape[1],
+                               "text_sum": item["text"].double().sum().item()}  # check_cache.py: a changed file
         if progress is not None:
             progress(entries, skipped)
 

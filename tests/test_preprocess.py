@@ -1006,16 +1006,19 @@ def test_check_cache_reports_a_file_without_a_mask_or_with_nan_latents(tiny_data
 
 def test_check_cache_finds_latents_changed_in_a_file_that_loads(tiny_data, tmp_path, monkeypatch, capsys):
     """Bytes changed in a cache file's tensor data (a failing disk, a bad copy) load without error: its latents
-    are checked against the sums the manifest recorded when it was written, and the fix is named."""
+    and text embeddings are checked against the sums the manifest recorded when it was written, and the fix is
+    named."""
     cache = tmp_path / "cache"
     shutil.copytree(tiny_data["cache_dir"], cache)
-    name = sorted(f for f in os.listdir(cache) if f.endswith(".pt"))[1]
-    d = torch.load(cache / name, weights_only=True)
-    d["latents"][0, 0, 0] += 0.5  # one value, as a flipped bit in its exponent or mantissa would change it
-    torch.save(d, cache / name)
+    names = sorted(f for f in os.listdir(cache) if f.endswith(".pt"))[1:3]
+    for name, key in zip(names, ("latents", "text")):
+        d = torch.load(cache / name, weights_only=True)
+        d[key][0, 0] += 0.5  # one value, as a flipped bit in its exponent or mantissa would change it
+        torch.save(d, cache / name)
     code, out, err = check_cache_exit(tiny_data, cache, monkeypatch, capsys)
-    assert code == 1 and "(1 damaged)" in out
-    assert f"{name}: AssertionError: latents differ" in err and "delete them and run python preprocess.py" in err
+    assert code == 1 and "(2 damaged)" in out
+    assert f"{names[0]}: AssertionError: latents differ" in err and f"{names[1]}: AssertionError: text embeddings" in err
+    assert "delete them and run python preprocess.py" in err
 
 
 def test_under_torchrun_a_second_sigterm_does_not_cut_short_the_first(monkeypatch):
