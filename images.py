@@ -95,9 +95,32 @@ def resize_and_crop(img: Image.Image, size) -> Image.Image:
 
 # --- reading images and captions -----------------------------------------------------------------------
 
+def in_srgb(img: Image.Image) -> Image.Image:
+    """An image with an embedded colour profile other than sRGB (a phone's Display P3, Adobe RGB, a printer's
+    CMYK) converted to sRGB, as a browser shows it: read as sRGB its colours were off (P3: paler). Without a
+    profile, with an sRGB one, or with one that cannot be used: as it is."""
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return img
+    from PIL import ImageCms
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if "srgb" in ImageCms.getProfileDescription(profile).lower():  # most cameras' JPEGs: nothing to do
+            return img
+        alpha = img.getchannel("A") if img.mode == "RGBA" else None
+        out = ImageCms.profileToProfile(img.convert("RGB") if alpha else img, profile,
+                                        ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):  # a damaged profile, or one of another colour space
+        return img
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: transparency composited on white, 16-bit scaled to 8-bit, CMYK/gray/palette
-    converted (Pillow's own conversions; CMYK without a colour profile)."""
+    """Any PIL mode -> RGB: colour profiles converted to sRGB (in_srgb), transparency composited on white,
+    16-bit scaled to 8-bit, CMYK/gray/palette converted (Pillow's own conversions where there is no profile)."""
+    img = in_srgb(img)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         a = np.asarray(img.convert("F") if img.mode == "F" else img.convert("I"), dtype=np.float64)
         a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)  # float TIFFs with holes in them

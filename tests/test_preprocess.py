@@ -128,6 +128,32 @@ def save_and_load(img, tmp_path, name="x.png", **save_kw):
     return np.asarray(out)
 
 
+def swapped_primaries_profile() -> bytes:
+    """An ICC profile that is sRGB with its red and green primaries swapped (named so): a colour space in which
+    (200, 30, 30) is sRGB's (30, 200, 30), as a Display P3 or Adobe RGB photo differs from sRGB, only more."""
+    import struct
+    from PIL import ImageCms
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    table = {bytes(icc[132 + 12 * i:136 + 12 * i]): 132 + 12 * i for i in range(struct.unpack(">I", icc[128:132])[0])}
+    r, g = table[b"rXYZ"] + 4, table[b"gXYZ"] + 4  # where each tag's offset is: point each at the other's data
+    icc[r:r + 4], icc[g:g + 4] = icc[g:g + 4], icc[r:r + 4]
+    return bytes(icc).replace("sRGB".encode("utf-16-be"), "swap".encode("utf-16-be"))
+
+
+def test_colour_profiles_are_converted_to_srgb(tmp_path):
+    """A photo with a colour profile (a phone's Display P3) is converted to sRGB, as a browser shows it; one
+    with an sRGB profile or a damaged profile is read as it is (all three were read as sRGB)."""
+    from PIL import ImageCms
+    red = Image.new("RGB", (8, 8), (200, 30, 30))
+    swapped = save_and_load(red, tmp_path, "p3.png", icc_profile=swapped_primaries_profile())[0, 0]
+    assert swapped[1] > 150 and swapped[0] < 80, swapped  # green in sRGB
+    with_alpha = Image.new("RGBA", (8, 8), (200, 30, 30, 255))
+    assert save_and_load(with_alpha, tmp_path, "p3a.png", icc_profile=swapped_primaries_profile())[0, 0][1] > 150
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    assert save_and_load(red, tmp_path, "srgb.png", icc_profile=srgb)[0, 0].tolist() == [200, 30, 30]
+    assert save_and_load(red, tmp_path, "bad.png", icc_profile=b"not a profile")[0, 0].tolist() == [200, 30, 30]
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (255, 255, 255))
     img.paste((255, 0, 0), (0, 0, 10, 20))  # red left edge
