@@ -359,6 +359,15 @@ def resolve_device(name: str = "auto"):
     return device
 
 
+def another_process_ended(e: BaseException):
+    """Why a collective failed because another process of a torchrun job ended (killed, out of memory, an error
+    of its own), or None for any other error. gloo says so in a plain RuntimeError, NCCL raises a DistError."""
+    if "gloo" not in str(e) and "DistError" not in [c.__name__ for c in type(e).__mro__]:  # (torch not imported)
+        return None
+    first = (str(e).splitlines() or [""])[0]
+    return "another process of the job ended: " + first.split("] ", 1)[-1].split(". ")[0][:120]
+
+
 def main_guard(main):
     """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2,
     Ctrl-C one line and exit code 130 (what was finished is kept: each script says what)."""
@@ -374,11 +383,9 @@ def main_guard(main):
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
         sys.exit(130)
     except RuntimeError as e:  # torch.OutOfMemoryError (torch is not imported here): one line, what it is
-        if "TORCHELASTIC_RUN_ID" in os.environ and ("gloo" in str(e) or "DistError" in map(
-                lambda c: c.__name__, type(e).__mro__)):  # under torchrun a collective failed: another process
-            # of the job ended (with its own line; e.g. rank 0 alone generates the shapes data and writes files)
-            why = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
-            print(f"error: another process of the job ended: {why}", file=sys.stderr)
+        why = another_process_ended(e) if "TORCHELASTIC_RUN_ID" in os.environ else None
+        if why:  # under torchrun: that process said why in its own line (e.g. rank 0 alone checks the shapes data)
+            print(f"error: {why}", file=sys.stderr)
             sys.exit(2)
         if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
             raise  # (the CPU allocator's failure is a plain RuntimeError)

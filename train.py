@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, ConfigError, main_guard, parse_args, resolve_device, to_dict
+from config import Config, ConfigError, another_process_ended, main_guard, parse_args, resolve_device, to_dict
 import samplers as S
 from cache import CacheError
 from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoint, lock_run, resume_run, rng_state,
@@ -125,10 +125,8 @@ def lost_process(e: Exception, master: bool):
     """Under torchrun, a collective that failed because another process of the job ended (killed, out of
     memory, an error of its own): one line for rank 0, which then checkpoints the last completed step and
     exports; the other ranks (which write nothing) stop with it. Any other error: None (raise it)."""
-    if not (isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and "gloo" in str(e))):
-        return None  # (gloo says it in a plain RuntimeError, NCCL in a DistError)
-    why = "another process of the job ended: " + str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0][:120]
-    if not master:
+    why = another_process_ended(e)
+    if why and not master:
         raise ConfigError(why) from None
     return why
 
