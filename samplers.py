@@ -90,12 +90,19 @@ def to_velocity(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, t_min:
     raise ConfigError(f"prediction={prediction!r}: must be one of {', '.join(PREDICTIONS)}")
 
 
-def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: float = EDM_SIGMA_DATA) -> torch.Tensor:
-    """The network output as a clean-sample estimate x0_hat (for image-space losses and previews)."""
+def to_x0(out: torch.Tensor, x_t: torch.Tensor, t, prediction: str, sigma_data: float = EDM_SIGMA_DATA,
+          t_min: float = 0.05) -> torch.Tensor:
+    """The network output as a clean-sample estimate x0_hat (for image-space losses and previews): the clean end
+    x_t - t v of the straight line through x_t along the velocity to_velocity gives (t_min: as there)."""
     if prediction == "v":
         return x0_from_velocity(x_t, out, t)
     if prediction == "x":
-        return out
+        # The output itself where t >= t_min. Below, the velocity loss trains (x_t - out) / t_min to E[v | x_t], so
+        # the output is x_t - t_min v, not x0 (x0 + (t - t_min)(eps - x0): noise left in); the clean end of the line
+        # is x_t - t v = x_t - (t / t_min)(x_t - out) (x_t at t = 0), as for v and edm, so the image-space losses
+        # (Fourier, self-consistency) want what the velocity loss wants instead of pulling the output elsewhere.
+        t = _per_sample(t, x_t)
+        return torch.where(t < t_min, x_t - t / t_min * (x_t - out), out)
     if prediction == "edm":
         a, b, _, _ = edm_coefficients(t, x_t, sigma_data)
         return a * x_t + b * out
@@ -118,7 +125,7 @@ class Prediction:
         return to_velocity(out, x_t, t, self.kind, self.t_min, self.sigma_data)
 
     def x0(self, out: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        return to_x0(out, x_t, t, self.kind, self.sigma_data)
+        return to_x0(out, x_t, t, self.kind, self.sigma_data, self.t_min)
 
 
 # ----------------------------------------------------------------------------------------------------

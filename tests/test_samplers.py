@@ -55,6 +55,24 @@ def test_x_and_v_prediction_conversions_agree():
         S.to_velocity(v, x_t, t, "eps", 0.05)
 
 
+def test_clean_sample_and_velocity_of_every_prediction_lie_on_one_line():
+    """x0_hat = x_t - t v_hat at every t, also below an x-prediction's t_min: there the velocity loss trains
+    (x_t - out) / t_min to the velocity, so `out` is x_t - t_min v, a noised sample (x0 + (t - t_min)(eps - x0)),
+    and the Fourier and self-consistency losses, which compare x0_hat with x0, pulled it elsewhere."""
+    x0, eps, out = _rand(5, 3, 2, 2, seed=7), _rand(5, 3, 2, 2, seed=8), _rand(5, 3, 2, 2, seed=9)
+    t = torch.tensor([0.0, 0.01, 0.04, 0.3, 1.0], dtype=torch.float64)
+    x_t = S.add_noise(x0, eps, t)
+    for kind in ("v", "x", "edm"):
+        pred = S.Prediction(kind, t_min=0.05)
+        torch.testing.assert_close(pred.x0(out, x_t, t), x_t - t.view(-1, 1, 1, 1) * pred.velocity(out, x_t, t))
+    pred = S.Prediction("x", t_min=0.05)
+    assert torch.equal(pred.x0(out, x_t, t)[3:], out[3:])              # the output itself from t_min on
+    v = S.velocity_target(x0, eps)                                     # the velocity loss's minimiser below t_min ...
+    trained = x_t - t.clamp(min=0.05).view(-1, 1, 1, 1) * v
+    torch.testing.assert_close(pred.velocity(trained, x_t, t)[1:], v[1:])
+    torch.testing.assert_close(pred.x0(trained, x_t, t), x0)            # ... is the clean sample
+
+
 def test_prediction_from_config_carries_all_three_settings():
     cfg = Config(prediction="edm", x_pred_t_min=0.1, sigma_data=0.3)
     pred = S.Prediction.from_config(cfg)
