@@ -14,13 +14,15 @@ def lr_at(step: int, cfg: Config, time_frac: float = 0.0) -> float:
     time_frac (elapsed / max_minutes) makes the decay follow whichever budget runs out first: the
     cosine is taken at max(step, time_frac * max_steps), so on a machine too slow to reach max_steps
     in time the run still anneals fully by the deadline. On a fast machine the step always leads and
-    the schedule is the plain (deterministic) one.
+    the schedule is the plain (deterministic) one. The warmup is by step, capped by that decay: on a machine
+    so slow that the clock leads already during warmup, the lr does not jump down at its end (nor stay at
+    the peak when the time runs out before it ends).
     """
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     at = max(step, time_frac * cfg.max_steps)
-    progress = min(1.0, (at - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max(0.0, (at - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)))
     ratio = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if step < cfg.warmup_steps:
+        ratio = min(ratio, (step + 1) / cfg.warmup_steps)
     return cfg.learning_rate * ratio
 
 
