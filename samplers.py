@@ -51,7 +51,9 @@ def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
 
 def velocity_from_x0(x_t: torch.Tensor, x0_hat: torch.Tensor, t, t_min: float) -> torch.Tensor:
     """v = (x_t - x0_hat) / t, with t clamped at t_min (Li & He 2025): near t=0 the division would
-    amplify any error in x0_hat without bound, so the implied velocity is damped there instead."""
+    amplify any error in x0_hat without bound. Below t_min the velocity loss (on eps - x0, unclamped) then
+    trains the output towards x_t - t_min v rather than x0, so the velocity it implies stays the true one
+    (to_x0 undoes this for the image-space losses)."""
     return (x_t - x0_hat) / _per_sample(t, x_t).clamp(min=t_min)
 
 
