@@ -93,7 +93,8 @@ def parse_size(text, cfg):
 def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None, cfg_scale=None,
              sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False, progress=False):
     """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i (seed: an int), or
-    with seed[i] (a list of one seed per image). batch_size images share a forward pass (twice that with CFG);
+    with seed[i] (a list of one seed per image). negative_emb: (text, mask) of a negative prompt for every image
+    (one row) or one per image, in place of the null caption. batch_size images share a forward pass (twice that with CFG);
     the images do not depend on it (on a GPU, up to rounding). With return_nfe: (images, evaluations per image)."""
     images, nfe = [], 0
     for _, batch, nfe in generate_batches(model, latent_space, prompt_emb, cfg, seed, size, steps, cfg_scale,
@@ -131,9 +132,9 @@ def generate_batches(model, latent_space, prompt_emb, cfg, seed=0, size=None, st
             rows = torch.arange(idx.start, idx.stop, device=device) // repeat  # the prompt of each image
             noise = torch.stack([torch.randn((cfg.latent_channels, h // f, w // f),
                                              generator=torch.Generator().manual_seed(seeds[i])) for i in idx])
-            neg = None
-            if negative_emb is not None:
-                neg = (negative_emb[0][idx.start:idx.stop], negative_emb[1][idx.start:idx.stop])
+            neg = negative_emb
+            if neg is not None and neg[0].shape[0] > 1:  # one per image (one row: the same for all)
+                neg = (neg[0][idx.start:idx.stop], neg[1][idx.start:idx.stop])
             velocity = S.guided_velocity_fn(model, text[rows], mask[rows], scale,
                                             S.Prediction.from_config(cfg),
                                             neg_text=neg[0] if neg else None, neg_mask=neg[1] if neg else None)
@@ -453,7 +454,7 @@ def main():
     negative = None
     if args.negative is not None:
         nt, nm = encode_prompts(cfg, [args.negative], device)
-        negative = (nt.expand(len(all_prompts), -1, -1), nm.expand(len(all_prompts), -1))
+        negative = (nt, nm)  # one for all images
     seeds = [args.seed + j for _ in prompts for j in range(args.num)]  # a prompt's images: whatever else is asked
     names = [image_name(k, p, s) for k, (p, s) in enumerate(zip(all_prompts, seeds))]
     written = []  # --out a folder: paths of the PNGs written so far

@@ -502,3 +502,19 @@ def test_num_does_not_copy_the_prompt_embeddings(tiny_run, tmp_path, monkeypatch
     assert code == 0 and len(names) == 6 and names[5].endswith("_seed2.png"), names
     alone = np.asarray(Image.open(tmp_path / "one.png"))
     assert np.array_equal(np.asarray(Image.open(tmp_path / "all" / names[5])), alone)
+
+
+def test_one_negative_prompt_guides_every_batch(tiny_run):
+    """generate(): a negative prompt given once (one row) guides all images, also past the first batch, as the
+    same negative given once per image does."""
+    from sample import encode_prompts, generate, latent_space_for, load_run
+    cfg, model = load_run(tiny_run)
+    emb = encode_prompts(cfg, [PROMPT, "a small blue square in the top left on a black background"] * 3, "cpu")
+    neg = encode_prompts(cfg, ["blurry"], "cpu")
+    space = latent_space_for(cfg)
+    once = generate(model, space, emb, cfg, steps=2, cfg_scale=3.0, negative_emb=neg, batch_size=4)
+    per_image = generate(model, space, emb, cfg, steps=2, cfg_scale=3.0, batch_size=4,
+                         negative_emb=(neg[0].expand(6, -1, -1), neg[1].expand(6, -1)))
+    plain = generate(model, space, emb, cfg, steps=2, cfg_scale=3.0, batch_size=4)
+    assert len(once) == 6 and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(once, per_image))
+    assert not np.array_equal(np.asarray(once[5]), np.asarray(plain[5]))  # the negative is used in batch 2
