@@ -204,7 +204,7 @@ class Config:
         need(0 <= self.cfg_scale <= MAX_CFG_SCALE, "cfg_scale", f"must be from 0 to {MAX_CFG_SCALE} (1 = no guidance)")
         need(self.sample_shift >= 0, "sample_shift", "must be >= 0 (0 = the training shift)")
         need(os.path.abspath(self.cache_dir) != os.path.abspath(self.data_dir), "cache_dir",
-             "must not be data_dir (preprocess deletes .pt files in the cache that it did not write)")
+             "must not be data_dir (the cache's .pt files and manifest would be mixed in with the images)")
         need(not self.val_prompts or any(p.strip() for p in self.val_prompts.split("|")), "val_prompts",
              "no prompt in it: '|'-separated prompts, or empty for the preset's")
         return self
