@@ -313,7 +313,8 @@ def main():
     device = resolve_device(cfg.device)
     from runtime import allow_tf32
     allow_tf32()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} threads)"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"  # CPU: the threads torch computes with
+            else f"CPU ({torch.get_num_threads()} torch threads / {os.cpu_count()} CPUs)")
     result = {"preset": cfg.run_name, "device": name, "batch_size": cfg.batch_size,
               "resolution": cfg.target_resolution, "tokens_text": cfg.max_token_length}
     if compare_overrides is not None and only and set(only) != {"train"}:
