@@ -238,7 +238,8 @@ def main():
                    help="shapes: prompts per (colour, shape) pair (default 8; --renoise: 4)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass and VAE decode (CFG: twice "
-                   "as many); smaller needs less memory, the scores are the same")
+                   "as many); smaller needs less memory, the scores are the same (--renoise samples each "
+                   "bucket's renders in one batch)")
     p.add_argument("--renoise", action="store_true",
                    help="shapes: also score denoising of noised ground truth from several t")
     p.add_argument("--device", default="auto")
