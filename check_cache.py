@@ -4,7 +4,9 @@
 
 Prints samples per bucket with latent shapes and dtypes, per-channel latent mean/std (recomputed from
 the files and compared with the manifest's), and caption token lengths (how many hit max_token_length,
-i.e. were probably truncated). Every file is loaded, so a damaged one is reported by name.
+i.e. were probably truncated). Every file is loaded, so a damaged one is reported by name (its latents and
+text are also compared with the sums recorded when it was written); the exit code is 1 when a file is
+damaged or a PNG could not be written.
 --decode N writes, for N entries spread over the cache, <cache_dir>/check/<name>_decoded.png (the
 latents through the VAE decoder) beside <name>_source.png (the source image resized and cropped to its
 bucket) and prints the PSNR between the two: pixel space should be lossless up to 8-bit rounding,

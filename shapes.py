@@ -10,7 +10,7 @@ triangles, but never the two together? (Held-out attribute combinations as in CL
 al. 2017.) The checker (predict_attributes, score_image) reads the attributes back from pixels with fixed
 rules, no learned model, so the same image always gets the same score.
 
-    python shapes.py [out_dir] [--num N] [--seed S] [--force]
+    python shapes.py [out_dir] [--num N] [--seed S] [--base B] [--force]
 """
 import argparse
 import json
