@@ -5,7 +5,7 @@ and val.csv when present (step, val_loss, val_loss_t0..val_loss_t3), and writes 
 folder:
     loss.png        raw and EMA-smoothed training loss, learning rate on a twin axis, validation loss points
     loss_per_t.png  loss per timestep bucket (t=0 data .. t=1 noise) over training
-    gates.png       Fourier gate statistics (only when the log has gate_ columns)
+    gates.png       mean |gate| of each Fourier filter (only when the log has gate_ columns)
     stats.png       every other numeric column (grad_norm, images_per_s, peak_mem_mb, ... and any column you
                     add to train.LOG_COLUMNS), one small panel each; columns that never change are left out
 train.py calls make_graphs(run_dir) at the end of a run; blank cells (a value not logged that step) are gaps.
@@ -164,7 +164,7 @@ def make_graphs(run_dir: str, smoothing: float = 0.9) -> list:
         for name in gates:
             ax.plot(*_points(steps, log[name]), lw=1.2, label=name[len("gate_"):])
         ax.set_xlabel("step")
-        ax.set_ylabel("gate value")
+        ax.set_ylabel("mean |gate| (per filter)")
         ax.set_title("Fourier gates")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=max(1, len(gates) // 12))
