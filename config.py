@@ -172,7 +172,8 @@ class Config:
         need(self.hidden_size % self.num_heads == 0, "hidden_size",
              f"must be divisible by num_heads={self.num_heads}")
         need((self.hidden_size // self.num_heads) % 4 == 0, "num_heads",
-             f"head dim {self.hidden_size // max(self.num_heads, 1)} must be divisible by 4 (2D RoPE)")
+             f"head dim hidden_size/num_heads = {self.hidden_size}/{self.num_heads} = "
+             f"{self.hidden_size // max(self.num_heads, 1)} must be divisible by 4 (2D RoPE)")
         need(self.bucket_align % self.patch_align == 0, "bucket_align",
              f"must be a multiple of vae_downsample*patch_size = {self.patch_align}")
         need(self.target_resolution >= self.bucket_align, "target_resolution", "must be >= bucket_align")
