@@ -294,7 +294,10 @@ def get_config(preset: str = "shapes", **overrides) -> Config:
     """A validated Config from a preset name plus typed overrides (for code and tests)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    cfg = apply_overrides(Config(), PRESETS[preset])
+    try:
+        cfg = apply_overrides(Config(), PRESETS[preset])
+    except ConfigError as e:  # a key or value in a preset someone added: say where it is
+        raise ConfigError(f"PRESETS[{preset!r}] in config.py: {e}") from None
     cfg = apply_overrides(cfg, overrides)
     if not cfg.run_name:
         cfg = replace(cfg, run_name=preset)

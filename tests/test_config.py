@@ -27,6 +27,13 @@ def test_every_preset_validates():
     assert (flowers.batch_size, flowers.learning_rate, flowers.ema_decay) == (16, 2e-4, 0.999)
 
 
+def test_a_bad_key_in_a_preset_names_the_preset(monkeypatch):
+    monkeypatch.setitem(PRESETS, "medium", {**PRESETS["flowers"], "hidden_sise": 384})
+    with pytest.raises(ConfigError, match=r"PRESETS\['medium'\] in config.py: unknown setting 'hidden_sise' "
+                                          r"\(did you mean hidden_size\?\)"):
+        get_config("medium")
+
+
 def test_overrides_are_typed():
     cfg = parse_args(["flowers", "batch_size=8", "learning_rate=1e-4", "hflip=true", "sampler=heun"])
     assert cfg.batch_size == 8 and isinstance(cfg.batch_size, int)
