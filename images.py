@@ -3,9 +3,10 @@
 Buckets follow the NovelAI/SDXL multi-aspect scheme: about target**2 pixels each, sides multiples of an
 alignment, aspect ratios up to a limit. An image goes to the bucket nearest its own aspect ratio, is
 resized to cover it (Lanczos) and centre-cropped. Images of any PIL mode become RGB with their EXIF
-orientation applied and their colour profile (if not sRGB) converted to sRGB; a caption is the .txt or .caption file of the same stem, else a row of a
-metadata.jsonl / metadata.csv (Hugging Face imagefolder) in the image's folder or one above it. A bad file raises Skip,
-which preprocess.py and check_cache.py report in one line and go on.
+orientation applied and their colour profile (if not sRGB) converted to sRGB; a caption is the .txt or
+.caption file of the same stem, else a row of a metadata.jsonl / metadata.csv (Hugging Face imagefolder) in
+the image's folder or one above it. A bad file raises Skip, which preprocess.py and check_cache.py report in
+one line and go on.
 """
 import codecs
 import csv
