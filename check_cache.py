@@ -25,6 +25,26 @@ from images import Skip, decode_min_side, load_image, make_buckets, resize_and_c
 from cache import CacheError, check_manifest, load_manifest
 
 
+def file_problem(d: dict, e: dict, cfg) -> str:
+    """What is wrong with a loaded cache file d against its manifest entry e ("" if nothing)."""
+    z = d["latents"]
+    if list(z.shape) != e["latent_shape"]:
+        return f"latents {tuple(z.shape)} != manifest {e['latent_shape']}"
+    if d["text"].shape != (cfg.max_token_length, cfg.text_dim) or d["mask"].shape != (cfg.max_token_length,):
+        return f"text {tuple(d['text'].shape)}, mask {tuple(d['mask'].shape)} != ({cfg.max_token_length}, " \
+               f"{cfg.text_dim}), ({cfg.max_token_length},) of max_token_length, text_dim"
+    if not (z.isfinite().all() and d["text"].isfinite().all()):
+        return "values that are not finite (nan, inf)"
+    # the sums when written: a damaged file of the same size loads without error (older caches lack text_sum)
+    if "sum" in e and not torch.allclose(z.double().flatten(1).sum(1), torch.tensor(e["sum"], dtype=torch.float64),
+                                         rtol=1e-6, atol=1e-3):
+        return "latents differ from those written (their sums per channel)"
+    if "text_sum" in e and not math.isclose(d["text"].double().sum().item(), e["text_sum"], rel_tol=1e-6,
+                                            abs_tol=1e-3):
+        return "text embeddings differ from those written (their sum)"
+    return ""
+
+
 def summarise_cache(cfg, manifest) -> dict:
     """Load every cache file, check it against its entry, and print the statistics."""
     per_bucket, shapes, dtypes, tokens, bad = Counter(), {}, set(), [], []
@@ -35,20 +55,12 @@ def summarise_cache(cfg, manifest) -> dict:
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
             z = d["latents"]
-            assert list(z.shape) == e["latent_shape"], f"latents {tuple(z.shape)} != manifest {e['latent_shape']}"
-            assert d["text"].shape == (cfg.max_token_length, cfg.text_dim), f"text {tuple(d['text'].shape)}"
-            assert d["mask"].shape == (cfg.max_token_length,), f"mask {tuple(d['mask'].shape)}"
-            assert z.isfinite().all() and d["text"].isfinite().all(), "values that are not finite (nan, inf)"
-            if "sum" in e:  # the latents' sums when written: a damaged file of the same size loads without error
-                sums = z.double().flatten(1).sum(1)
-                assert torch.allclose(sums, torch.tensor(e["sum"], dtype=torch.float64), rtol=1e-6, atol=1e-3), \
-                    "latents differ from those written (their sums per channel)"
-            if "text_sum" in e:  # (caches from before it was recorded: not checked)
-                assert math.isclose(d["text"].double().sum().item(), e["text_sum"], rel_tol=1e-6, abs_tol=1e-3), \
-                    "text embeddings differ from those written (their sum)"
+            problem = file_problem(d, e, cfg)
         except Exception as err:
+            problem = f"{type(err).__name__}: {str(err)[:120]}"
+        if problem:
             bad.append(path)
-            tqdm.write(f"warning: {path}: {type(err).__name__}: {str(err)[:120]}", file=sys.stderr)
+            tqdm.write(f"warning: {path}: {problem}", file=sys.stderr)
             continue
         key = tuple(e["bucket"])
         per_bucket[key] += 1
