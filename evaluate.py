@@ -252,8 +252,8 @@ def main():
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
     from sample import check_sampling_options, load_run, run_and_checkpoint, run_step, with_sample_shift
     check_sampling_options(args)
-    import train as T
     from dataset import make_loader
+    from metrics import validation_loss
     device = resolve_device(args.device)
     from runtime import allow_tf32
     allow_tf32()
@@ -289,7 +289,7 @@ def main():
     try:
         loader, _, val = make_loader(cfg, "val")
         if len(val):
-            row = T.validation_loss(model, loader, cfg, device)
+            row = validation_loss(model, loader, cfg, device)
             report["val"] = row
             print("val loss " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if v != ""))
     except (FileNotFoundError, ConfigError) as e:

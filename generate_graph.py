@@ -1,13 +1,13 @@
 """Plot a run's training curves: python generate_graph.py runs/<name>
 
-Reads runs/<name>/log.csv (the columns of train.LOG_COLUMNS, then gate_* when the Fourier filters are on)
+Reads runs/<name>/log.csv (the columns of metrics.LOG_COLUMNS, then gate_* when the Fourier filters are on)
 and val.csv when present (step, val_loss, val_loss_t0..val_loss_t3), and writes into the run
 folder:
     loss.png        raw and EMA-smoothed training loss, learning rate on a twin axis, validation loss points
     loss_per_t.png  loss per timestep bucket (t=0 data .. t=1 noise) over training
     gates.png       mean |gate| of each Fourier filter (only when the log has gate_ columns)
     stats.png       every other numeric column (grad_norm, images_per_s, peak_mem_mb, ... and any column you
-                    add to train.LOG_COLUMNS), one small panel each; columns that never change are left out
+                    add to metrics.LOG_COLUMNS), one small panel each; columns that never change are left out
 train.py calls make_graphs(run_dir) at the end of a run; blank cells (a value not logged that step) are gaps.
 """
 import csv

@@ -13,7 +13,7 @@ sys.path.insert(0, ROOT)
 
 import generate_graph as G  # noqa: E402
 from config import ConfigError  # noqa: E402
-from train import LOG_COLUMNS  # noqa: E402
+from metrics import LOG_COLUMNS  # noqa: E402
 
 
 def write_log(run_dir, rows=40, gates=("refiner0_mean", "final0_max"), blank_buckets=False, stats=True):
@@ -134,7 +134,7 @@ def test_infinite_cells_are_dropped_like_blank_ones():
 
 
 def test_a_log_row_with_a_field_that_is_not_a_column_is_an_error(tmp_path):
-    from train import CSVLog
+    from metrics import CSVLog
     log = CSVLog(str(tmp_path / "log.csv"), None, LOG_COLUMNS)
     log.write({"step": 1, "loss": 0.5})
     with pytest.raises(ValueError, match="no column param_norm"):  # not dropped without a word
@@ -173,7 +173,7 @@ def test_a_log_saved_with_a_byte_order_mark_reads(tmp_path):
 def test_a_resumed_run_keeps_the_rows_of_a_log_with_a_bom_or_a_garbled_line(tmp_path):
     """train.py's CSVLog on resume reads the log as generate_graph.py does: a byte order mark dropped every row
     (no 'step' column), a stray quote with a long tail was a csv.Error traceback."""
-    from train import CSVLog
+    from metrics import CSVLog
     path = str(tmp_path / "log.csv")
     log = CSVLog(path, None, LOG_COLUMNS)
     for step in (1, 2, 3):

@@ -952,6 +952,7 @@ def test_validation_loss_does_not_depend_on_batch_size_or_order(tiny_data):
     """Each validation sample's t and noise are fixed by its place in the split: the same loss (and the
     same per-quarter losses) whatever batch size the run uses, and t covers all four quarters."""
     from dataset import make_loader
+    from metrics import validation_loss
     from model import DiTConfig, SingleStreamDiT
     rows = []
     for batch_size, seed_shift in ((1, 0), (5, 0), (16, 0), (5, 1)):
@@ -963,7 +964,7 @@ def test_validation_loss_does_not_depend_on_batch_size_or_order(tiny_data):
         with torch.no_grad():
             for p in model.parameters():  # off the zero init: the output depends on t
                 p.add_(torch.randn_like(p) * 0.05)
-        rows.append(T.validation_loss(model, loader, cfg, torch.device("cpu")))
+        rows.append(validation_loss(model, loader, cfg, torch.device("cpu")))
     assert len(val_set) >= 8 and all(rows[0][f"val_loss_t{i}"] != "" for i in range(4))
     for row in rows[1:]:
         for key, value in rows[0].items():
