@@ -45,7 +45,8 @@ def evaluate_shapes(cfg, model, device, steps=None, cfg_scale=None, sampler=None
                     per_pair=8, batch_size=16):
     """Generate the evaluation prompts, score them; returns {'seen': {...}, 'held_out': {...}, ...}."""
     import shapes
-    from sample import encode_prompts, generate, latent_space_for, save_grid
+    from runs import latent_space_for
+    from sample import encode_prompts, generate, save_grid
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     prompts = [shapes.caption(a) for a in attrs_list]
     space = latent_space_for(cfg, device)
@@ -101,7 +102,8 @@ def renoise_shapes(cfg, model, device, starts=RENOISE_STARTS, steps=None, cfg_sc
     import samplers as S
     from latents import images_to_tensor, tensor_to_images
     from images import resize_and_crop
-    from sample import encode_prompts, latent_space_for, sampling_shift
+    from runs import latent_space_for
+    from sample import encode_prompts, sampling_shift
     attrs_list = shapes.eval_prompts(n_per_pair=per_pair)
     space = latent_space_for(cfg, device)
     text, mask = encode_prompts(cfg, [shapes.caption(a) for a in attrs_list], device)
@@ -174,7 +176,8 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     """FID of generated images (held-out captions) against the held-out source images."""
     from dataset import CachedDataset
     from images import load_image, resize_and_crop
-    from sample import generate, latent_space_for
+    from runs import latent_space_for
+    from sample import generate
     if not inception_path or not os.path.isfile(inception_path):
         return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
                       "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
@@ -250,7 +253,8 @@ def main():
         raise ConfigError(f"--batch {args.batch}: must be >= 1")
     if args.inception and not os.path.isfile(args.inception):
         raise ConfigError(f"--inception {args.inception}: no such file (a local TorchScript Inception)")
-    from sample import check_sampling_options, load_run, run_and_checkpoint, run_step, with_sample_shift
+    from runs import load_run, run_and_checkpoint, run_step
+    from sample import check_sampling_options, with_sample_shift
     check_sampling_options(args)
     from dataset import make_loader
     from metrics import validation_loss
