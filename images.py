@@ -58,6 +58,10 @@ def make_buckets(target: int, align: int, max_ratio: float) -> list:
         if max(w / h, h / w) <= max_ratio + 1e-9:
             buckets.update({(w, h), (h, w)})
         w += align
+    if not buckets:  # e.g. max_aspect_ratio=1 with target not a multiple of align: each width's nearest-area
+        low = max(align, target // align * align)  # height is beyond the ratio; then the square nearest in area
+        side = min((low, low + align), key=lambda s: abs(s * s - area))
+        buckets.add((side, side))
     return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
 
 

@@ -67,6 +67,16 @@ def test_buckets_keep_area_alignment_and_aspect_limits(target, align, ratio):
         assert max(ratios) > ratio * 0.8
 
 
+@pytest.mark.parametrize("target,align,ratio,side", [(20, 8, 1.0, 16), (12, 8, 1.4, 8), (28, 8, 1.0, 24),
+                                                     (100, 64, 1.0, 64)])
+def test_buckets_of_a_target_between_aligned_squares_are_the_nearest_square(target, align, ratio, side):
+    # each width's nearest-area height is beyond max_aspect_ratio: no bucket at all made preprocess skip every
+    # image as "unreadable" (bucket_for: max() of an empty sequence)
+    buckets = images.make_buckets(target, align, ratio)
+    assert buckets == [(side, side)]
+    assert images.bucket_for(30, 20, buckets) == (side, side)
+
+
 def test_bucket_for_picks_the_nearest_log_aspect_ratio():
     buckets = images.make_buckets(448, 32, 2.0)
     assert images.bucket_for(1000, 1000, buckets) == (448, 448)
