@@ -91,10 +91,12 @@ class TrainStep:
     def phases(self):
         """The step as (name, callable) phases: forward, backward, optimiser update (as train.py)."""
         loss = []
+        # self_consistency_loss: the EMA forward it adds to a step (train.py's steps after its start)
+        ema = self.ema if self.cfg.self_consistency_loss > 0 else None
 
         def forward():
             with self.T.autocast_for(self.cfg, self.device):
-                loss.append(self.T.flow_matching_loss(self.fwd, self.batch, self.cfg, self.gen)[0])
+                loss.append(self.T.flow_matching_loss(self.fwd, self.batch, self.cfg, self.gen, ema)[0])
 
         return [("forward", forward), ("backward", lambda: self.loss_scale.backward(loss.pop())),
                 ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6,

@@ -142,3 +142,19 @@ def test_sampling_is_timed_with_the_configured_sampler(monkeypatch):
     assert out["sampler"] == "rk4" and methods == ["rk4"] * 4  # warm-up and timed, batched and unbatched CFG
     for kind in ("batched", "unbatched"):  # per NFE: 4 evaluations per RK4 step
         assert out[f"sample_cfg_{kind}_s_per_image_per_nfe"] * 8 == pytest.approx(out[f"sample_cfg_{kind}_s_per_image"])
+
+
+def test_self_consistency_is_timed_with_its_ema_forward():
+    """self_consistency_loss adds an EMA forward to a training step: bench timed the step without it, so
+    --compare self_consistency_loss=0.5 showed no cost."""
+    import bench
+    from config import get_config
+    runner = bench.TrainStep(get_config("tiny", self_consistency_loss=0.5), bench.resolve_device("cpu"))
+    calls = []
+    runner.ema.register_forward_hook(lambda *a: calls.append(1))
+    runner.step()
+    assert calls == [1]
+    plain = bench.TrainStep(get_config("tiny"), bench.resolve_device("cpu"))
+    plain.ema.register_forward_hook(lambda *a: calls.append(1))
+    plain.step()
+    assert calls == [1]
