@@ -87,6 +87,7 @@ class TrainStep:
         self.fwd = T.compile_for_training(self.model, cfg, device)
         self.gen = torch.Generator(device=device).manual_seed(0)
         self.batch = T.to_device(synthetic_batch(cfg, device, cfg.batch_size, padded), device, cfg.trim_text)
+        self.images_per_step = cfg.batch_size * cfg.grad_accum
 
     def phases(self):
         """The step as (name, callable) phases: forward, backward, optimiser update (as train.py)."""
@@ -98,9 +99,11 @@ class TrainStep:
             with self.T.autocast_for(self.cfg, self.device):
                 loss.append(self.T.flow_matching_loss(self.fwd, self.batch, self.cfg, self.gen, ema)[0])
 
-        return [("forward", forward), ("backward", lambda: self.loss_scale.backward(loss.pop())),
-                ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6,
-                                                              loss_scale=self.loss_scale))]
+        # grad_accum micro-steps (on the same batch), then one update: as train.py's step
+        backward = ("backward", lambda: self.loss_scale.backward(loss.pop() / self.cfg.grad_accum))
+        return [("forward", forward), backward] * self.cfg.grad_accum + [
+            ("optimizer", lambda: self.T.optimizer_update(self.model, self.ema, self.opt, self.cfg, step=10**6,
+                                                          loss_scale=self.loss_scale))]
 
     def step(self):
         self.opt.zero_grad(set_to_none=True)
@@ -149,7 +152,7 @@ class TrainStep:
         from model import DiTConfig, flops_per_image
         h, w = self.batch["latents"].shape[-2:]
         text_len = self.batch["text"].shape[1]  # after trimming: the work actually done
-        return 3 * flops_per_image(DiTConfig.from_config(self.cfg), h, w, text_len) * self.cfg.batch_size
+        return 3 * flops_per_image(DiTConfig.from_config(self.cfg), h, w, text_len) * self.images_per_step
 
 
 def bench_train(cfg, device, opts) -> dict:
@@ -160,7 +163,7 @@ def bench_train(cfg, device, opts) -> dict:
     sec = runner.time(opts["steps"])
     tflops = runner.flops_per_step() / sec / 1e12
     peak = opts["peak_tflops"] or peak_for(device)
-    return {"train_s_per_step": sec, "train_images_per_s": cfg.batch_size / sec, "train_tflops": tflops,
+    return {"train_s_per_step": sec, "train_images_per_s": runner.images_per_step / sec, "train_tflops": tflops,
             "mfu": tflops / peak if peak else None, "peak_tflops": peak or None,
             "peak_mem_gib": peak_memory_gib(device), **runner.phase_times(min(opts["steps"], 10)),
             **runner.memory_phases()}

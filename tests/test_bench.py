@@ -158,3 +158,18 @@ def test_self_consistency_is_timed_with_its_ema_forward():
     plain.ema.register_forward_hook(lambda *a: calls.append(1))
     plain.step()
     assert calls == [1]
+
+
+def test_a_step_with_grad_accum_runs_its_micro_steps():
+    """grad_accum=2 is two forward/backward passes and one update a step (as train.py), images/s counting both:
+    bench timed one, so `--compare batch_size=2 grad_accum=2` showed a 2x speedup for the same images a step."""
+    import bench
+    from config import get_config
+    runner = bench.TrainStep(get_config("tiny", grad_accum=3), bench.resolve_device("cpu"))
+    calls = []
+    runner.model.register_forward_hook(lambda *a: calls.append(1))
+    runner.step()
+    assert len(calls) == 3 and runner.images_per_step == 3 * 4
+    out = bench.bench_train(get_config("tiny", grad_accum=3), bench.resolve_device("cpu"),
+                            dict(bench.BENCH_DEFAULTS, steps=1, warmup=0))
+    assert out["train_images_per_s"] == pytest.approx(12 / out["train_s_per_step"])
