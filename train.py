@@ -99,6 +99,9 @@ def run_training(cfg: Config) -> dict:
                   + (f" (what the folder held is moved to {moved})" if moved else ""))
         elif moved:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
+    if master and cfg.caption_dropout == 0 and cfg.cfg_scale != 1:  # the null caption then keeps its random init
+        print(f"warning: caption_dropout=0 does not train the null caption that cfg_scale={cfg.cfg_scale} guides "
+              "from (sample grids, sample.py, evaluate.py): give caption_dropout > 0 (e.g. 0.1) or cfg_scale=1")
 
     # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
     signal.signal(signal.SIGTERM, raise_interrupt)  # like Ctrl-C: the images encoded so far stay cached

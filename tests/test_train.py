@@ -1108,6 +1108,20 @@ def test_resume_auto_without_a_readable_checkpoint_says_so_once(tiny_data, tmp_p
            f"held is moved to {cfg.run_dir}.1)" in out
 
 
+def test_caption_dropout_0_with_guidance_warns_that_the_null_caption_is_not_trained(tiny_data, tmp_path, capsys):
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=3, run_name="nodrop", caption_dropout=0.0))
+    capsys.readouterr()
+    T.train(cfg)
+    assert "warning: caption_dropout=0 does not train the null caption that cfg_scale=2.5" in capsys.readouterr().out
+    ckpt = torch.load(C.list_checkpoints(cfg)[-1], weights_only=False)
+    torch.manual_seed(cfg.seed)  # the model's init (train.py seeds the same before building it)
+    from model import DiTConfig, SingleStreamDiT
+    assert torch.equal(ckpt["model"]["null_caption"], SingleStreamDiT(DiTConfig.from_config(cfg)).null_caption.data)
+    T.train(get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1, run_name="nodrop_noguidance",
+                                           caption_dropout=0.0, cfg_scale=1.0)))
+    assert "caption_dropout=0" not in capsys.readouterr().out
+
+
 def assert_same_last_weights(args, run_a, run_b):
     """The newest checkpoints of two tiny runs (tiny_args + run_name) hold identical weights."""
     a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
