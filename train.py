@@ -88,6 +88,9 @@ def run_training(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
+    if cfg.hflip and cfg.data_source == "shapes":  # 4 of its 5 positions are a side: half the flips contradict
+        raise ConfigError("hflip=True: the shapes captions say left and right (\"top left\"), so a flipped image "
+                          "contradicts its caption; hflip is for data whose captions do not")
     # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
     resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
     if resume_path:

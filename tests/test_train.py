@@ -1122,6 +1122,15 @@ def test_caption_dropout_0_with_guidance_warns_that_the_null_caption_is_not_trai
     assert "caption_dropout=0" not in capsys.readouterr().out
 
 
+def test_hflip_on_the_shapes_data_is_a_one_line_error(tiny_data, tmp_path):
+    """Its captions name the side ("top left"): a flipped image would contradict its caption half the time."""
+    r = subprocess.run([sys.executable, "train.py", "tiny", "hflip=true", "max_steps=1",
+                        *[f"{k}={v}" for k, v in tiny_args(tiny_data, tmp_path).items()]],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: hflip=True: the shapes captions say left and right")
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.exists(os.path.join(tmp_path, "tiny"))
+
+
 def assert_same_last_weights(args, run_a, run_b):
     """The newest checkpoints of two tiny runs (tiny_args + run_name) hold identical weights."""
     a, b = (torch.load(C.list_checkpoints(get_config("tiny", **dict(args, run_name=n)))[-1], weights_only=False)
