@@ -102,6 +102,10 @@ def run_training(cfg: Config) -> dict:
                   + (f" (what the folder held is moved to {moved})" if moved else ""))
         elif moved:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
+    if master and cfg.warmup_steps >= cfg.max_steps:  # lr_at never gets past the warmup
+        print(f"warning: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate ends at "
+              f"{lr_at(cfg.max_steps - 1, cfg):.2e} still warming up, without the decay to min_lr_ratio (nor the "
+              "max_minutes anneal)")
     if master and cfg.caption_dropout == 0 and cfg.cfg_scale != 1:  # the null caption then keeps its random init
         print(f"warning: caption_dropout=0 does not train the null caption that cfg_scale={cfg.cfg_scale} guides "
               "from (sample grids, sample.py, evaluate.py): give caption_dropout > 0 (e.g. 0.1) or cfg_scale=1")

@@ -1122,6 +1122,18 @@ def test_caption_dropout_0_with_guidance_warns_that_the_null_caption_is_not_trai
     assert "caption_dropout=0" not in capsys.readouterr().out
 
 
+def test_a_warmup_as_long_as_the_run_warns_that_the_lr_never_decays(tiny_data, tmp_path, capsys):
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=2, warmup_steps=4, run_name="warm"))
+    capsys.readouterr()
+    T.train(cfg)
+    out = capsys.readouterr().out
+    assert "warning: warmup_steps=4 >= max_steps=2: the learning rate ends at 5.00e-04 still warming up" in out
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [2.5e-4, 5e-4]  # no decay: half the peak at the end
+    T.train(get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=3, warmup_steps=2, run_name="warm2")))
+    assert "warmup_steps" not in capsys.readouterr().out
+
+
 def test_hflip_on_the_shapes_data_is_a_one_line_error(tiny_data, tmp_path):
     """Its captions name the side ("top left"): a flipped image would contradict its caption half the time."""
     r = subprocess.run([sys.executable, "train.py", "tiny", "hflip=true", "max_steps=1",
