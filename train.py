@@ -383,13 +383,7 @@ def run_training(cfg: Config) -> dict:
         if diverged:
             break
 
-        # evaluate / sample
-        if master and ((cfg.val_every and step % cfg.val_every == 0) or last_step):
-            row = validate_and_sample(step)
-            if row:
-                tqdm.write(f"step {step}: val_loss {row['val_loss']:.4f}")
-
-        # checkpoint (also on a signal or the time limit)
+        # stop on a signal or the time limit (every rank at the same step)
         if cfg.max_minutes > 0:
             time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
         if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
@@ -407,6 +401,14 @@ def run_training(cfg: Config) -> dict:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
         elif out_of_time:
             status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
+
+        # evaluate / sample (also at the end that the time limit makes: val_every=0 is "end only")
+        if master and ((cfg.val_every and step % cfg.val_every == 0) or last_step or out_of_time):
+            row = validate_and_sample(step)
+            if row:
+                tqdm.write(f"step {step}: val_loss {row['val_loss']:.4f}")
+
+        # checkpoint (also on a signal or the time limit)
         final = last_step or stop["signal"] is not None or out_of_time
         rng_ranks = None
         if world > 1 and (step % cfg.checkpoint_every == 0 or final):  # the same steps on every rank

@@ -719,6 +719,16 @@ def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
     assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
 
 
+def test_a_run_ended_by_max_minutes_validates_and_samples_its_last_step(tiny_data, tmp_path):
+    """val_every=0 is "end only": a run the time limit ended had no validation and no sample grid at all."""
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1000, max_minutes=1e-6, val_every=0,
+                                           run_name="timed_val"))
+    assert T.train(cfg)["step"] == 1
+    with open(os.path.join(cfg.run_dir, "val.csv")) as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
+    assert sorted(os.listdir(os.path.join(cfg.run_dir, "samples"))) == ["step_0000001_ema.png", "step_0000001_raw.png"]
+
+
 def test_fused_adamw_matches_the_per_tensor_one_and_loads_its_state():
     """make_optimizer's torch AdamW runs fused (one kernel for all weights); it must update like the
     plain (foreach) AdamW and take over that one's state from an older checkpoint."""
