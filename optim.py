@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from config import Config
+from config import Config, ConfigError
 
 
 def lr_at(step: int, cfg: Config, time_frac: float = 0.0) -> float:
@@ -59,7 +59,11 @@ def adamw8bit_class():
     moments, as bnb gives them: the update equals the per-tensor one (tested; a weight without a gradient
     counts as one with a zero gradient, where bnb would leave it alone: every weight here has one).
     """
-    import bitsandbytes as bnb  # imported here: it is slow to import
+    try:
+        import bitsandbytes as bnb  # imported here: it is slow to import
+    except ImportError as e:  # no wheel for this platform, or a broken install: one line, not a traceback
+        raise ConfigError(f"optimizer=adamw8bit: bitsandbytes cannot be imported ({e}): pip install bitsandbytes, "
+                          "or optimizer=adamw") from None
 
     class AdamW8bit(bnb.optim.AdamW8bit):
         def __init__(self, params, *args, flat=False, min_8bit_size=4096, **kwargs):

@@ -31,7 +31,7 @@ from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoin
                         save_checkpoint, set_aside_earlier_run, step_files, unlock_run, write_json)
 from objective import flow_matching_loss
 from metrics import LOG_COLUMNS, N_T_BUCKETS, VAL_COLUMNS, CSVLog, default_val_prompts, validation_loss
-from optim import LossScale, lr_at, make_optimizer, optimizer_update
+from optim import LossScale, adamw8bit_class, lr_at, make_optimizer, optimizer_update
 from runtime import (PROCESS_GROUP_TIMEOUT, allow_tf32, autocast_for, compile_for_training, precision_for,
                      setup_distributed, to_device, triton_installed, use_compile)
 
@@ -91,6 +91,8 @@ def run_training(cfg: Config) -> dict:
     if cfg.hflip and cfg.data_source == "shapes":  # 4 of its 5 positions are a side: half the flips contradict
         raise ConfigError("hflip=True: the shapes captions say left and right (\"top left\"), so a flipped image "
                           "contradicts its caption; hflip is for data whose captions do not")
+    if cfg.optimizer == "adamw8bit":
+        adamw8bit_class()  # bitsandbytes missing: a one-line error now, not after the data work
     # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
     resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
     if resume_path:

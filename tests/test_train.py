@@ -1144,6 +1144,17 @@ def test_a_warmup_as_long_as_the_run_warns_that_the_lr_never_decays(tiny_data, t
     assert "warmup_steps" not in capsys.readouterr().out
 
 
+def test_adamw8bit_without_bitsandbytes_is_a_one_line_error_before_any_work(tiny_data, tmp_path, monkeypatch):
+    """(no wheel for the platform, a broken install): it was an ImportError traceback after the data work"""
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    cache = os.path.join(tmp_path, "cache_nobnb")
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1, optimizer="adamw8bit", cache_dir=cache))
+    with pytest.raises(T.ConfigError, match=r"^optimizer=adamw8bit: bitsandbytes cannot be imported .*: pip install "
+                                            r"bitsandbytes, or optimizer=adamw$"):
+        T.train(cfg)
+    assert not os.path.exists(cache)
+
+
 def test_hflip_on_the_shapes_data_is_a_one_line_error(tiny_data, tmp_path):
     """Its captions name the side ("top left"): a flipped image would contradict its caption half the time."""
     r = subprocess.run([sys.executable, "train.py", "tiny", "hflip=true", "max_steps=1",
