@@ -281,7 +281,9 @@ def run_training(cfg: Config) -> dict:
 
         # step: grad_accum micro-batches, then clip, check, update, EMA
         optimizer.zero_grad(set_to_none=True)
-        use_consistency = cfg.self_consistency_loss > 0 and step >= cfg.self_consistency_start * cfg.max_steps
+        # "fraction of training" as lr_at counts it: by the clock too, where max_minutes comes first
+        use_consistency = cfg.self_consistency_loss > 0 and \
+            max(step, time_frac * cfg.max_steps) >= cfg.self_consistency_start * cfg.max_steps
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
         # where a resume goes on if this step cannot load its batches (and the noise it draws again)
         step_start = (epoch, batch_in_epoch)

@@ -729,6 +729,28 @@ def test_a_run_ended_by_max_minutes_validates_and_samples_its_last_step(tiny_dat
     assert sorted(os.listdir(os.path.join(cfg.run_dir, "samples"))) == ["step_0000001_ema.png", "step_0000001_raw.png"]
 
 
+def test_self_consistency_starts_by_the_clock_in_a_run_that_max_minutes_ends(tiny_data, tmp_path, monkeypatch):
+    """self_consistency_start is a fraction of training: a run that the time limit will end (as the learning
+    rate anneals, lr_at's time_frac) switches it on by the clock, not only at that fraction of max_steps."""
+    base = tiny_args(tiny_data, tmp_path, max_steps=2, run_name="clock", self_consistency_loss=1.0,
+                     self_consistency_start=0.5)
+    T.train(get_config("tiny", **base))
+    path = C.list_checkpoints(get_config("tiny", **base))[-1]
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["train_seconds"] = 0.999 * 60 * 0.01  # 99.9% of max_minutes=0.01 used: past the start by the clock
+    torch.save(ckpt, path)
+    with_ema = []
+    real = T.flow_matching_loss
+
+    def spy(model, batch, cfg, gen, ema=None, **kw):
+        if gen is not None:  # a training step's (validation's gives t and eps)
+            with_ema.append(ema is not None)
+        return real(model, batch, cfg, gen, ema, **kw)
+    monkeypatch.setattr(T, "flow_matching_loss", spy)
+    T.train(get_config("tiny", **dict(base, max_steps=1000, max_minutes=0.01, resume="auto")))
+    assert with_ema and all(with_ema)  # step 2 of 1000, but 99.9% of the time
+
+
 def test_fused_adamw_matches_the_per_tensor_one_and_loads_its_state():
     """make_optimizer's torch AdamW runs fused (one kernel for all weights); it must update like the
     plain (foreach) AdamW and take over that one's state from an older checkpoint."""
