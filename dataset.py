@@ -60,6 +60,8 @@ def loading_failure(e: Exception):
         return lines[-1].split("CacheError: ", 1)[-1] if lines else "a cache file could not be loaded"
     if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
         return str(e).splitlines()[0]
+    if isinstance(e, (ConnectionError, EOFError)):  # a worker that ended while its batch was being handed over
+        return f"a DataLoader worker ended while handing over a batch ({type(e).__name__}: {e})"  # (its socket)
     return None
 
 

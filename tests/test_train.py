@@ -1246,6 +1246,29 @@ def test_a_worker_killed_mid_step_stops_with_a_checkpoint(tiny_data, tmp_path, m
     assert len(C.list_checkpoints(cfg)) == 1
 
 
+def test_a_worker_that_ends_while_handing_over_a_batch_is_a_stop_with_a_checkpoint(tiny_data, tmp_path, monkeypatch):
+    """A SIGTERM to the process group can end a DataLoader worker while the main process takes over its batch
+    (the tensor's file descriptor comes through the worker's socket): ConnectionResetError, not PyTorch's
+    'DataLoader worker exited'. That is the same stop: the last completed step is checkpointed and the run
+    stops cleanly (here with no signal to the main process: one line)."""
+    import dataset as D
+    from cache import CacheError
+    real_iter = torch.utils.data.DataLoader.__iter__
+
+    def iterate(loader):
+        for i, batch in enumerate(real_iter(loader)):
+            if i == 3:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            yield batch
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iterate)
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=50, checkpoint_every=100))
+    with pytest.raises(CacheError, match=r"a DataLoader worker ended while handing over a batch "
+                                         r"\(ConnectionResetError: .*\) \(step 3 is checkpointed"):
+        T.train(cfg)
+    assert torch.load(C.list_checkpoints(cfg)[0], weights_only=False)["step"] == 3
+    assert D.loading_failure(EOFError()) and D.loading_failure(ValueError("x")) is None
+
+
 def test_validation_that_cannot_load_its_batches_is_skipped(tiny_data, tmp_path, monkeypatch, capsys):
     def broken(*a, **k):
         raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
