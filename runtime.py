@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import samplers as S
-from config import Config, native_bf16
+from config import Config, ConfigError, native_bf16
 
 
 # how long a rank waits in a collective for the others: NCCL's default, 10 minutes, ends the job when the ranks
@@ -59,6 +59,9 @@ def use_compile(cfg: Config, device) -> bool:
     capability 7.0+ (Kaggle's P100 or a GTX 10xx would fail at the first step), not on CPUs: on 2 CPU cores
     compiling the shapes preset makes a step ~1.2x faster but costs ~3 min of compiling (one graph per
     bucket), a loss in a 13.5-minute run."""
+    if cfg.compile == "on" and device.type == "cuda" and not triton_installed():  # else: a traceback at step 1
+        raise ConfigError("compile=on: torch.compile needs Triton on a GPU, and it is not installed (pip install "
+                          "triton, or triton-windows on Windows), or compile=off")
     if cfg.compile != "auto":
         return cfg.compile == "on"
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 7 and triton_installed()

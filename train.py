@@ -113,10 +113,10 @@ def run_training(cfg: Config) -> dict:
               "from (sample grids, sample.py, evaluate.py): give caption_dropout > 0 (e.g. 0.1) or cfg_scale=1")
 
     # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
+    # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
+    compiled = use_compile(cfg, device)  # (compile=on without Triton on a GPU: one line before any data work)
     signal.signal(signal.SIGTERM, raise_interrupt)  # like Ctrl-C: the images encoded so far stay cached
     manifest = ensure_cache(cfg, distributed=world > 1)  # each rank encodes its share: none waits on rank 0
-    # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
-    compiled = use_compile(cfg, device)
     if master and cfg.compile == "auto" and device.type == "cuda" and not compiled and not triton_installed():
         print("note: compile=auto trains without torch.compile: Triton is not installed (pip install triton, "
               "or triton-windows on Windows)")

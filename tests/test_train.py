@@ -15,7 +15,7 @@ import torch
 import checkpoint as C
 import runtime
 import train as T
-from config import get_config
+from config import ConfigError, get_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -938,6 +938,8 @@ def test_compile_auto_means_gpu_only(monkeypatch):
     assert not T.use_compile(get_config("tiny", compile="auto"), cuda)
     assert T.use_compile(get_config("tiny", compile="on"), cpu)
     assert not T.use_compile(get_config("tiny", compile="off"), cuda)
+    with pytest.raises(ConfigError, match="compile=on: torch.compile needs Triton on a GPU"):
+        T.use_compile(get_config("tiny", compile="on"), cuda)  # not a traceback at the first step
 
 
 def test_compiled_run_keeps_short_batches_when_no_bucket_fills_one(tiny_data, tmp_path, monkeypatch):
