@@ -348,8 +348,28 @@ def run_training(cfg: Config) -> dict:
         step += 1
         bar.update(1)
 
-        # log (every rank reads the skip counts: they all stop at the same step)
-        log_now = step % cfg.log_every == 0 or last_step
+        # stop on a signal or the time limit (every rank at the same step)
+        if cfg.max_minutes > 0:
+            time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
+        if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
+            flags = torch.tensor([stop["received"] or 0, time_frac], dtype=torch.float64)
+            peer_lost = all_ranks(dist.all_reduce, flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU
+            if peer_lost:
+                break
+            stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
+            if cfg.max_minutes > 0:  # every rank on the agreed clock (the earliest started), so the checkpoint's
+                t_start = time.time() - time_frac * cfg.max_minutes * 60  # train_seconds is the one that stopped it
+        else:
+            stop["signal"] = stop["received"]
+        out_of_time = time_frac >= 1.0
+        if stop["signal"] is not None:
+            status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
+        elif out_of_time:
+            status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
+
+        # log (every rank reads the skip counts: they all stop at the same step); a run that stops logs its last
+        # steps since the previous line too
+        log_now = step % cfg.log_every == 0 or last_step or stop["signal"] is not None or out_of_time
         if log_now:
             n_skipped, n_longest = torch.stack([skipped, longest]).tolist()
             skipped, longest = torch.zeros_like(skipped), streak.clone()
@@ -387,25 +407,6 @@ def run_training(cfg: Config) -> dict:
         if diverged:
             break
 
-        # stop on a signal or the time limit (every rank at the same step)
-        if cfg.max_minutes > 0:
-            time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
-        if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
-            flags = torch.tensor([stop["received"] or 0, time_frac], dtype=torch.float64)
-            peer_lost = all_ranks(dist.all_reduce, flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU
-            if peer_lost:
-                break
-            stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
-            if cfg.max_minutes > 0:  # every rank on the agreed clock (the earliest started), so the checkpoint's
-                t_start = time.time() - time_frac * cfg.max_minutes * 60  # train_seconds is the one that stopped it
-        else:
-            stop["signal"] = stop["received"]
-        out_of_time = time_frac >= 1.0
-        if stop["signal"] is not None:
-            status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
-        elif out_of_time:
-            status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
-
         # evaluate / sample (also at the end that the time limit makes: val_every=0 is "end only")
         if master and ((cfg.val_every and step % cfg.val_every == 0) or last_step or out_of_time):
             row = validate_and_sample(step)
@@ -436,6 +437,8 @@ def run_training(cfg: Config) -> dict:
     if load_failed or out_of_memory or peer_lost:
         status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a process of the job ended"
                                                  if peer_lost else "a batch could not be loaded")
+        if load_failed and "DataLoader worker" in load_failed and stop["received"] is None:
+            time.sleep(1)  # a signal to the process group may end a worker before ours is handled: a moment for it
         if load_failed and stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop
             load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
         if master:

@@ -712,11 +712,13 @@ def test_a_fresh_run_sets_an_earlier_one_in_its_folder_aside(tiny_data, tmp_path
 
 def test_max_minutes_stops_cleanly_with_a_checkpoint(tiny_data, tmp_path):
     cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=1000, max_minutes=1e-6,
-                                           checkpoint_every=1000, run_name="timed"))
+                                           checkpoint_every=1000, log_every=5, run_name="timed"))
     result = T.train(cfg)
     assert result["status"].startswith("stopped after max_minutes") and result["step"] == 1
     assert [os.path.basename(p) for p in C.list_checkpoints(cfg)] == ["step_0000001.pt"]
     assert os.path.isfile(os.path.join(cfg.run_dir, "model", "model.safetensors"))
+    with open(os.path.join(cfg.run_dir, "log.csv")) as f:  # the steps since the last log line are logged too
+        assert [r["step"] for r in csv.DictReader(f)] == ["1"]
 
 
 def test_a_run_ended_by_max_minutes_validates_and_samples_its_last_step(tiny_data, tmp_path):
@@ -1269,6 +1271,25 @@ def test_a_worker_that_ends_while_handing_over_a_batch_is_a_stop_with_a_checkpoi
         T.train(cfg)
     assert torch.load(C.list_checkpoints(cfg)[0], weights_only=False)["step"] == 3
     assert D.loading_failure(EOFError()) and D.loading_failure(ValueError("x")) is None
+
+
+def test_a_worker_ended_by_the_signal_that_stops_the_run_just_before_it_is_a_stop(tiny_data, tmp_path, monkeypatch):
+    """SIGTERM to the process group: a DataLoader worker can end (and the batch fail) before the main process
+    handles its own SIGTERM; the run waits a moment for it, and stops by the signal with a checkpoint."""
+    import threading
+    real_iter = torch.utils.data.DataLoader.__iter__
+
+    def iterate(loader):
+        for i, batch in enumerate(real_iter(loader)):
+            if i == 3:
+                threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()  # ours, a moment later
+                raise RuntimeError("DataLoader worker (pid(s) 12345) exited unexpectedly")
+            yield batch
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__iter__", iterate)
+    cfg = get_config("tiny", **tiny_args(tiny_data, tmp_path, max_steps=50, checkpoint_every=100))
+    result = T.train(cfg)
+    assert result["status"] == "stopped by signal 15 at step 3 (checkpoint saved)"
+    assert torch.load(C.list_checkpoints(cfg)[0], weights_only=False)["step"] == 3
 
 
 def test_validation_that_cannot_load_its_batches_is_skipped(tiny_data, tmp_path, monkeypatch, capsys):
