@@ -60,8 +60,11 @@ def loading_failure(e: Exception):
         return lines[-1].split("CacheError: ", 1)[-1] if lines else "a cache file could not be loaded"
     if isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker"):
         return str(e).splitlines()[0]
-    if isinstance(e, (ConnectionError, EOFError)):  # a worker that ended while its batch was being handed over
-        return f"a DataLoader worker ended while handing over a batch ({type(e).__name__}: {e})"  # (its socket)
+    # any other OSError or EOFError out of the loader (every error of a cache file is a CacheError): a worker
+    # that ended while its batch was handed over (the tensors' file descriptors come through its socket, which
+    # is gone: ConnectionResetError, FileNotFoundError), e.g. a SIGTERM to the whole process group
+    if isinstance(e, (OSError, EOFError)):
+        return f"a DataLoader worker ended while handing over a batch ({type(e).__name__}: {e})"
     return None
 
 

@@ -1271,6 +1271,7 @@ def test_a_worker_that_ends_while_handing_over_a_batch_is_a_stop_with_a_checkpoi
         T.train(cfg)
     assert torch.load(C.list_checkpoints(cfg)[0], weights_only=False)["step"] == 3
     assert D.loading_failure(EOFError()) and D.loading_failure(ValueError("x")) is None
+    assert D.loading_failure(FileNotFoundError(2, "No such file or directory"))  # the worker's socket: gone
 
 
 def test_a_worker_ended_by_the_signal_that_stops_the_run_just_before_it_is_a_stop(tiny_data, tmp_path, monkeypatch):
