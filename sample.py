@@ -90,8 +90,9 @@ def generate(model, latent_space, prompt_emb, cfg, seed=0, size=None, steps=None
              sampler=None, negative_emb=None, batch_size=16, callback=None, return_nfe=False, progress=False):
     """Images (list of PIL) for prompt embeddings; image i uses noise seeded with seed + i (seed: an int), or
     with seed[i] (a list of one seed per image). negative_emb: (text, mask) of a negative prompt for every image
-    (one row) or one per image, in place of the null caption. batch_size images share a forward pass (twice that with CFG);
-    the images do not depend on it (on a GPU, up to rounding). With return_nfe: (images, evaluations per image)."""
+    (one row) or one per image, in place of the null caption. batch_size images share a forward pass (twice
+    that with CFG); the images do not depend on it (on a GPU, up to rounding). With return_nfe: (images,
+    evaluations per image)."""
     images, nfe = [], 0
     for _, batch, nfe in generate_batches(model, latent_space, prompt_emb, cfg, seed, size, steps, cfg_scale,
                                           sampler, negative_emb, batch_size, callback, progress):

@@ -366,10 +366,11 @@ def run_training(cfg: Config) -> dict:
             status = f"stopped by signal {stop['signal']} at step {step} (checkpoint saved)"
         elif out_of_time:
             status = f"stopped after max_minutes={cfg.max_minutes} at step {step} (checkpoint saved)"
+        final = last_step or stop["signal"] is not None or out_of_time
 
-        # log (every rank reads the skip counts: they all stop at the same step); a run that stops logs its last
-        # steps since the previous line too
-        log_now = step % cfg.log_every == 0 or last_step or stop["signal"] is not None or out_of_time
+        # log (every rank reads the skip counts: they all stop at the same step); the last step logs the steps
+        # since the previous line too
+        log_now = step % cfg.log_every == 0 or final
         if log_now:
             n_skipped, n_longest = torch.stack([skipped, longest]).tolist()
             skipped, longest = torch.zeros_like(skipped), streak.clone()
@@ -414,7 +415,6 @@ def run_training(cfg: Config) -> dict:
                 tqdm.write(f"step {step}: val_loss {row['val_loss']:.4f}")
 
         # checkpoint (also on a signal or the time limit)
-        final = last_step or stop["signal"] is not None or out_of_time
         rng_ranks = None
         if world > 1 and (step % cfg.checkpoint_every == 0 or final):  # the same steps on every rank
             rng_ranks = [None] * world
@@ -437,8 +437,8 @@ def run_training(cfg: Config) -> dict:
     if load_failed or out_of_memory or peer_lost:
         status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a process of the job ended"
                                                  if peer_lost else "a batch could not be loaded")
-        if load_failed and "DataLoader worker" in load_failed and stop["received"] is None:
-            time.sleep(1)  # a signal to the process group may end a worker before ours is handled: a moment for it
+        if load_failed and stop["received"] is None:  # a signal to the process group may end a DataLoader
+            time.sleep(1)  # worker before this process handles its own: a moment for it
         if load_failed and stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop
             load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
         if master:

@@ -17,6 +17,7 @@ from PIL import Image
 import images
 import preprocess as P
 from config import ConfigError, get_config
+from conftest import ROOT
 from tiny_models import make_image, make_image_folder, save_tiny_t5, save_tiny_t5gemma2, save_tiny_vae
 
 
@@ -879,11 +880,10 @@ def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir
     names = make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48), (64, 40)])
     args = ["tiny", "data_source=folder", f"data_dir={cfg.data_dir}", f"cache_dir={cfg.cache_dir}",
             "target_resolution=32", f"text_encoder={t5_dir}", "text_dim=32", "max_token_length=8"]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     outs, codes = [], []
 
     def run(port):
-        procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=root, text=True,
+        procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
@@ -933,9 +933,8 @@ def test_sigterm_keeps_what_was_encoded(tmp_path, script):
     exit 130, the manifest names what was encoded until then."""
     import signal
     import subprocess
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     args = ["tiny", f"data_dir={tmp_path / 'shapes'}", f"cache_dir={tmp_path / 'cache'}", "num_shapes=4000"]
-    p = subprocess.Popen([sys.executable, script, *args, f"out_dir={tmp_path}"], cwd=root, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, script, *args, f"out_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = b""
     while b"encode:" not in seen or not re.search(rb"encode: +\d+%\|[^|]*\| [1-9]\d\d+/", seen):
@@ -1056,9 +1055,8 @@ def test_check_cache_finds_latents_changed_in_a_file_that_loads(tiny_data, tmp_p
     assert f"{names[0]}: latents differ" in err and f"{names[1]}: text embeddings" in err
     assert "delete them and run python preprocess.py" in err
     import subprocess  # python -O drops assert statements: the checks must not be asserts
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     r = subprocess.run([sys.executable, "-O", "check_cache.py", "tiny", f"data_dir={tiny_data['data_dir']}",
-                        f"cache_dir={cache}"], cwd=root, capture_output=True, text=True, timeout=300)
+                        f"cache_dir={cache}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "(2 damaged)" in r.stdout, r.stdout + r.stderr
 
 
