@@ -372,6 +372,22 @@ def another_process_ended(e: BaseException):
     return "another process of the job ended: " + first.split("] ", 1)[-1].split(". ")[0][:120]
 
 
+def exit_process(code: int):
+    """End the script with exit code `code`. A distributed worker (RANK set: torchrun or a launcher like it) ends
+    with os._exit once its output is flushed (the scripts close every file they write before this): gloo's
+    threads outlive destroy_process_group (DDP and transformers' from_pretrained keep the process group alive),
+    and now and then the interpreter's teardown with them running aborts the process ('terminate called without
+    an active exception', SIGABRT), which torchrun reports as a failed job after a run that saved everything."""
+    if "RANK" in os.environ:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed or broken pipe: nothing more to say
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 def main_guard(main):
     """Run a script's main(); a bad setting or a missing/unreadable file becomes one line and exit code 2,
     Ctrl-C one line and exit code 130 (what was finished is kept: each script says what)."""
@@ -382,20 +398,20 @@ def main_guard(main):
         return main()
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_process(2)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
-        sys.exit(130)
+        exit_process(130)
     except RuntimeError as e:  # torch.OutOfMemoryError (torch is not imported here): one line, what it is
         why = another_process_ended(e) if "TORCHELASTIC_RUN_ID" in os.environ else None
         if why:  # under torchrun: that process said why in its own line (e.g. rank 0 alone checks the shapes data)
             print(f"error: {why}", file=sys.stderr)
-            sys.exit(2)
+            exit_process(2)
         if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
             raise  # (the CPU allocator's failure is a plain RuntimeError)
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}): fewer or smaller images at once need less",
               file=sys.stderr)
-        sys.exit(2)
+        exit_process(2)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreada
                    check_manifest, delete_unreferenced, fingerprint, latent_stats, load_manifest, same_folder,
                    write_manifest)
 from checkpoint import WriteError, write_atomic
-from config import Config, main_guard, parse_args, resolve_device
+from config import Config, exit_process, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, decode_min_side, find_images, load_image, make_buckets,
                     read_caption, resize_and_crop, upscale_needed)
 
@@ -446,3 +446,4 @@ def main():
 
 if __name__ == "__main__":
     main_guard(main)
+    exit_process(0)

@@ -15,7 +15,6 @@ time_frac), so a time-cut run still ends at the low learning rate.
 import os
 import random
 import signal
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -24,7 +23,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, ConfigError, another_process_ended, main_guard, parse_args, resolve_device, to_dict
+from config import (Config, ConfigError, another_process_ended, exit_process, main_guard, parse_args, resolve_device,
+                    to_dict)
 import samplers as S
 from cache import CacheError
 from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoint, lock_run, resume_run, rng_state,
@@ -473,4 +473,4 @@ def run_training(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     result = main_guard(lambda: train(parse_args()))
-    sys.exit(1 if result["diverged"] else 0)  # a run stopped by non-finite losses: scripts can tell
+    exit_process(1 if result["diverged"] else 0)  # a run stopped by non-finite losses: scripts can tell

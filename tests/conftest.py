@@ -24,6 +24,18 @@ def on_a_free_port(run, attempts=3):
     return out
 
 
+def teardown_probe(folder) -> str:
+    """sitecustomize code for distributed workers: each writes started<RANK> into `folder` when it starts and
+    teardown<RANK> from an atexit handler, which runs only if the interpreter's teardown does."""
+    return f"""
+import atexit as _atexit, os as _os
+if _os.environ.get("RANK") is not None:
+    _mark = lambda name: open(_os.path.join({str(folder)!r}, name + _os.environ["RANK"]), "w").close()
+    _mark("started")
+    _atexit.register(_mark, "teardown")
+"""
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """{'data_dir', 'cache_dir'}: 48 generated shapes images cached with the tiny preset."""

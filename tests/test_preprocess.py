@@ -875,17 +875,21 @@ def test_shapes_source_generates_then_caches(tmp_path):
 def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir):
     """torchrun-style: two processes (gloo on CPU) each encode half; rank 0 writes the manifest."""
     import subprocess
-    from conftest import on_a_free_port
+    from conftest import on_a_free_port, teardown_probe
     cfg = pixel_cfg(tmp_path, t5_dir)
     names = make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48), (64, 40)])
     args = ["tiny", "data_source=folder", f"data_dir={cfg.data_dir}", f"cache_dir={cfg.cache_dir}",
             "target_resolution=32", f"text_encoder={t5_dir}", "text_dim=32", "max_token_length=8"]
     outs, codes = [], []
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(teardown_probe(tmp_path))
 
     def run(port):
         procs = [subprocess.Popen([sys.executable, "preprocess.py", *args], cwd=ROOT, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                  env={**os.environ, "PYTHONPATH": str(hooks),
+                                       "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
                                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                                        "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
                  for r in range(2)]
@@ -896,6 +900,10 @@ def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir
     on_a_free_port(run)
     assert codes == [0, 0], outs
     assert "5 samples" in outs[0] and "5 encoded" in outs[0] and "samples" not in outs[1]  # rank 0 reports
+    # each ends with os._exit, not the interpreter's teardown (where gloo's threads, kept alive by the text
+    # encoder's from_pretrained, now and then abort the process: exit code -6 after a complete cache)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("started", "teardown"))) == \
+        ["started0", "started1"]
     manifest = P.load_manifest(cfg.cache_dir)
     assert sorted(manifest["entries"]) == sorted(names)
     assert all(os.path.exists(os.path.join(cfg.cache_dir, e["file"])) for e in manifest["entries"].values())
