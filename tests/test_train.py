@@ -339,7 +339,7 @@ def test_torchrun_ranks_wait_for_each_other_longer_than_nccls_ten_minutes():
     from conftest import on_a_free_port
     code = ("import torch, torch.distributed as dist, runtime; runtime.setup_distributed(); "
             "print('timeout', dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))"
-            ".options._timeout.total_seconds())")
+            ".options._timeout.total_seconds(), flush=True); dist.destroy_process_group()")
 
     def run(port):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
