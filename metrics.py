@@ -1,5 +1,5 @@
-"""What train.py measures and writes besides the weights: log.csv and val.csv (their columns and CSVLog, the
-writer that keeps them one run's rows across resumes), the validation loss at fixed t and noise (comparable
+"""What train.py measures and writes besides the weights: log.csv and val.csv (their columns, the running
+statistics of the steps between log lines, and CSVLog, the writer that keeps them one run's rows across resumes), the validation loss at fixed t and noise (comparable
 between runs and checkpoints; evaluate.py reports it too) and the prompts of the sample grids."""
 import csv
 import os
@@ -22,6 +22,60 @@ LOG_COLUMNS = (["step", "epoch", "loss"] + [f"loss_t{i}" for i in range(N_T_BUCK
 VAL_COLUMNS = ["step", "val_loss"] + [f"val_loss_t{i}" for i in range(N_T_BUCKETS)]
 VAL_T_STEP = (5 ** 0.5 - 1) / 2  # 1 / golden ratio: consecutive samples' t far apart, all of [0, 1) covered
 VAL_NOISE_SEED = 12345  # fixed, not cfg.seed: validation losses of runs with other seeds compare
+
+
+class RunningStats:
+    """What a log line says of the steps since the one before, kept on the device (read on logging steps only:
+    no host-device sync in between): the mean loss, overall and per quarter of t, of the finite micro-batch
+    losses (a non-finite one's step is skipped), the skipped steps and the longest run of them."""
+
+    def __init__(self, device):
+        self.device = device
+        self.skipped, self.streak, self.longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+        self.new_window()
+
+    def new_window(self):
+        """Loss sums from zero (every rank after a log line: the next all-reduce sums the new window only)."""
+        self.loss_sum, self.loss_n = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        self.bucket_sums = torch.zeros(N_T_BUCKETS, device=self.device)
+        self.bucket_counts = torch.zeros(N_T_BUCKETS, device=self.device)
+
+    def add_micro_batch(self, loss, per_sample, t):
+        """A micro-batch's loss (a skipped step's NaN must not spoil the mean); returns whether it is finite."""
+        finite = torch.isfinite(loss.detach())
+        self.loss_sum = self.loss_sum + torch.where(finite, loss.detach(), 0.0)
+        self.loss_n = self.loss_n + finite
+        sums, counts = S.loss_per_bucket(per_sample.float(), t, N_T_BUCKETS, skip_nonfinite=True)
+        self.bucket_sums, self.bucket_counts = self.bucket_sums + sums, self.bucket_counts + counts
+        return finite
+
+    def add_step(self, failed, finite):
+        """A step's outcome (0-dim bool tensors): failed = skipped as non-finite (an fp16 overflow, which only
+        lowers the loss scale, is not), finite = the weights were updated (ends a run of skipped steps)."""
+        self.streak = torch.where(failed, self.streak + 1, torch.where(finite, 0, self.streak))
+        self.skipped, self.longest = self.skipped + failed, torch.maximum(self.longest, self.streak)
+
+    def take_skips(self):
+        """(skipped steps, longest run of them) since the last call, as ints; a run still going counts on."""
+        n_skipped, n_longest = torch.stack([self.skipped, self.longest]).tolist()
+        self.skipped, self.longest = torch.zeros_like(self.skipped), self.streak.clone()
+        return n_skipped, n_longest
+
+    def packed_losses(self):
+        """The loss sums as one tensor, for an all-reduce over the ranks (then unpack_losses)."""
+        return torch.cat([self.loss_sum.reshape(1), self.loss_n.reshape(1).float(), self.bucket_sums,
+                          self.bucket_counts])
+
+    def unpack_losses(self, packed):
+        self.loss_sum, self.loss_n, self.bucket_sums, self.bucket_counts = packed[0], packed[1], *packed[2:].chunk(2)
+
+    def loss_columns(self) -> dict:
+        """{'loss': the mean (nan if every step of the window was skipped), 'loss_t0'...: per quarter of t}."""
+        row = {"loss": (self.loss_sum / self.loss_n).item()}
+        sums, counts = self.bucket_sums.tolist(), self.bucket_counts.tolist()
+        for i in range(N_T_BUCKETS):
+            row[f"loss_t{i}"] = sums[i] / counts[i] if counts[i] else ""
+        return row
 
 
 class CSVLog:

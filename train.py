@@ -25,12 +25,11 @@ from tqdm import tqdm
 
 from config import (Config, ConfigError, another_process_ended, exit_process, main_guard, parse_args, resolve_device,
                     to_dict)
-import samplers as S
 from cache import CacheError
 from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoint, lock_run, resume_run, rng_state,
                         save_checkpoint, set_aside_earlier_run, step_files, unlock_run, write_json)
 from objective import flow_matching_loss
-from metrics import LOG_COLUMNS, N_T_BUCKETS, VAL_COLUMNS, CSVLog, default_val_prompts, validation_loss
+from metrics import LOG_COLUMNS, VAL_COLUMNS, CSVLog, RunningStats, default_val_prompts, validation_loss
 from optim import LossScale, adamw8bit_class, lr_at, make_optimizer, optimizer_update
 from runtime import (PROCESS_GROUP_TIMEOUT, allow_tf32, autocast_for, compile_for_training, precision_for,
                      setup_distributed, to_device, triton_installed, use_compile)
@@ -236,11 +235,7 @@ def run_training(cfg: Config) -> dict:
     t_start = time.time() - (ckpt.get("train_seconds", 0.0) if resume_path else 0.0)
     time_frac = (time.time() - t_start) / 60 / cfg.max_minutes if cfg.max_minutes > 0 else 0.0
     t_log, images_since_log = time.time(), 0
-    # running sums stay on the device: no host-device sync until a logging step
-    bucket_sums, bucket_counts = torch.zeros(N_T_BUCKETS, device=device), torch.zeros(N_T_BUCKETS, device=device)
-    loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
-    # skipped (non-finite) steps since the last log line, the current run of them, the longest run
-    skipped, streak, longest = (torch.zeros((), dtype=torch.long, device=device) for _ in range(3))
+    stats = RunningStats(device)  # the losses and skipped steps since the last log line, on the device
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
     load_failed = None  # why a step could not load its batch (then: checkpoint, export, one-line error)
     out_of_memory = None  # the same for a step that ran out of (GPU) memory
@@ -326,12 +321,9 @@ def run_training(cfg: Config) -> dict:
                 loss = per_sample = batch = None
                 break
             images_since_log += batch["latents"].shape[0] * world
-            finite_loss = torch.isfinite(loss.detach())  # a skipped step's NaN must not spoil the logged mean
-            loss_sum, loss_n = loss_sum + torch.where(finite_loss, loss.detach(), 0.0), loss_n + finite_loss
+            finite_loss = stats.add_micro_batch(loss, per_sample, t)
             if loss_ok is not None:
                 loss_ok = loss_ok * finite_loss
-            s, c = S.loss_per_bucket(per_sample.float(), t, N_T_BUCKETS, skip_nonfinite=True)
-            bucket_sums, bucket_counts = bucket_sums + s, bucket_counts + c
         if world > 1 and loss_scale.enabled and not (load_failed or out_of_memory or peer_lost):
             # every rank must agree (the scale, the stop at max_nonfinite)
             peer_lost = all_ranks(dist.all_reduce, loss_ok, op=dist.ReduceOp.MIN)
@@ -342,9 +334,7 @@ def run_training(cfg: Config) -> dict:
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale,
                                              None if loss_ok is None else loss_ok.bool())
         # fp16: a non-finite step while the loss scale is >= 1 (an overflow of loss x scale) only lowers the scale
-        failed = ~finite & ~loss_scale.overflow
-        streak = torch.where(failed, streak + 1, torch.where(finite, 0, streak))  # on the device: read when logging
-        skipped, longest = skipped + failed, torch.maximum(longest, streak)
+        stats.add_step(failed=~finite & ~loss_scale.overflow, finite=finite)
         step += 1
         bar.update(1)
 
@@ -372,8 +362,7 @@ def run_training(cfg: Config) -> dict:
         # since the previous line too
         log_now = step % cfg.log_every == 0 or final
         if log_now:
-            n_skipped, n_longest = torch.stack([skipped, longest]).tolist()
-            skipped, longest = torch.zeros_like(skipped), streak.clone()
+            n_skipped, n_longest = stats.take_skips()
             if n_skipped and master:
                 tqdm.write(f"step {step}: {n_skipped} non-finite loss/gradient step(s) skipped since the last "
                            f"log line ({n_longest} in a row)")
@@ -382,29 +371,23 @@ def run_training(cfg: Config) -> dict:
                 status = f"stopped: {n_longest} non-finite steps in a row ({kept})"
                 diverged = True
         if world > 1 and log_now:  # the logged losses are over every rank's samples, not rank 0's
-            packed = torch.cat([loss_sum.reshape(1), loss_n.reshape(1).float(), bucket_sums, bucket_counts])
+            packed = stats.packed_losses()
             peer_lost = all_ranks(dist.all_reduce, packed)
             if peer_lost:  # this step is done: it is checkpointed below
                 break
-            loss_sum, loss_n, bucket_sums, bucket_counts = packed[0], packed[1], *packed[2:].chunk(2)
+            stats.unpack_losses(packed)
         if master and log_now:
             elapsed = time.time() - t_log
-            mean_loss = (loss_sum / loss_n).item()  # nan if every step of the window was skipped
-            row = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": lr,
+            row = {"step": step, "epoch": epoch, **stats.loss_columns(), "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": n_skipped, "loss_scale": loss_scale.scale.item() if loss_scale.enabled else "",
-                   "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else ""}
-            sums, counts = bucket_sums.tolist(), bucket_counts.tolist()
-            for i in range(N_T_BUCKETS):
-                row[f"loss_t{i}"] = sums[i] / counts[i] if counts[i] else ""
-            for name, value in model.fourier_gate_stats().items():
-                row[f"gate_{name}"] = value
+                   "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else "",
+                   **{f"gate_{name}": value for name, value in model.fourier_gate_stats().items()}}
             log.write(row)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")
             t_log, images_since_log = time.time(), 0
-        if log_now:  # every rank: the next all-reduce sums the new window only
-            bucket_sums, bucket_counts = torch.zeros(N_T_BUCKETS, device=device), torch.zeros(N_T_BUCKETS, device=device)
-            loss_sum, loss_n = torch.zeros((), device=device), torch.zeros((), device=device)
+        if log_now:
+            stats.new_window()
         if diverged:
             break
 

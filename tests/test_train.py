@@ -240,6 +240,38 @@ def wait_for(predicate, proc, timeout=240):
     return False
 
 
+def test_running_stats_average_the_finite_losses_and_count_runs_of_skipped_steps():
+    """The numbers a log line shows: the mean of the finite micro-batch losses, overall and per quarter of t,
+    summed over ranks through one packed all-reduce; the skipped steps and the longest run, which goes on
+    across a log line."""
+    from metrics import RunningStats
+    stats = RunningStats(torch.device("cpu"))
+    t = torch.tensor([0.1, 0.3, 0.6, 0.9])  # one sample per quarter
+    assert stats.add_micro_batch(torch.tensor(2.0), torch.tensor([1.0, 2.0, 3.0, 4.0]), t)
+    assert not stats.add_micro_batch(torch.tensor(float("nan")), torch.tensor([5.0, float("nan"), 7.0, 8.0]), t)
+    assert stats.add_micro_batch(torch.tensor(4.0), torch.tensor([3.0, 4.0, 5.0, 6.0]), t)
+    assert stats.loss_columns() == {"loss": 3.0, "loss_t0": 3.0, "loss_t1": 3.0, "loss_t2": 5.0, "loss_t3": 6.0}
+    other = RunningStats(torch.device("cpu"))  # a second rank: one loss of 9, all its samples at t = 0.05
+    other.add_micro_batch(torch.tensor(9.0), torch.tensor([9.0, 9.0, 9.0, 9.0]), torch.full((4,), 0.05))
+    stats.unpack_losses(stats.packed_losses() + other.packed_losses())  # what the all-reduce sums
+    assert stats.loss_columns() == {"loss": 5.0, "loss_t0": 45 / 7, "loss_t1": 3.0, "loss_t2": 5.0, "loss_t3": 6.0}
+    stats.new_window()
+    assert math.isnan(stats.loss_columns()["loss"]) and stats.loss_columns()["loss_t0"] == ""
+    yes, no = torch.tensor(True), torch.tensor(False)
+    for failed in (yes, no, yes, yes):  # skipped, updated, then a run of two still going at the log line
+        stats.add_step(failed=failed, finite=~failed)
+    assert stats.take_skips() == (3, 2)
+    stats.add_step(failed=yes, finite=no)  # the run goes on: 3 in a row, 1 skipped in this window
+    assert stats.take_skips() == (1, 3)
+    stats.add_step(failed=no, finite=no)  # an fp16 overflow: neither skipped nor the end of the run
+    stats.add_step(failed=yes, finite=no)
+    assert stats.take_skips() == (1, 4)
+    stats.add_step(failed=no, finite=yes)
+    stats.add_step(failed=yes, finite=no)
+    assert stats.take_skips() == (1, 4)  # (the run that reached 4 at the last line still shows; then 1)
+    assert stats.take_skips() == (0, 1)
+
+
 def test_sigkill_leaves_a_loadable_checkpoint_and_resumes(tiny_data, tmp_path):
     args = tiny_args(tiny_data, tmp_path, max_steps=400, checkpoint_every=2, keep_checkpoints=2,
                      run_name="killed")
