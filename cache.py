@@ -111,6 +111,13 @@ def same_folder(a, b) -> bool:
     return a is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
+def built_from(manifest: dict, data_dir: str) -> bool:
+    """Whether the cache was built from data_dir: the folder as it was given (relative: from where the run
+    started), which still holds when the project folder moved, or as an absolute path (data_dir_abs), which
+    holds when a run starts elsewhere (a job script's own folder) with another spelling of it."""
+    return same_folder(manifest.get("data_dir"), data_dir) or same_folder(manifest.get("data_dir_abs"), data_dir)
+
+
 def cache_file_intact(cache_dir: str, entry: dict) -> bool:
     """The entry's .pt file exists with the size it was written with (caches from before sizes were
     recorded: exists). Cheap, and catches truncated or overwritten files without reading them."""

@@ -118,8 +118,9 @@ def decode_entries(cfg, manifest, n: int, bad=()) -> tuple:
     out_dir = os.path.join(cfg.cache_dir, "check")
     os.makedirs(out_dir, exist_ok=True)
     written, not_written = [], []
-    data_dir = manifest.get("data_dir") or cfg.data_dir  # where the cache was built from, if still there
-    data_dir = data_dir if os.path.isdir(data_dir) else cfg.data_dir
+    # where the cache was built from, if still there
+    data_dir = next((d for d in (manifest.get("data_dir"), manifest.get("data_dir_abs")) if d and os.path.isdir(d)),
+                    cfg.data_dir)
     min_side = decode_min_side(make_buckets(cfg.target_resolution, cfg.bucket_align, cfg.max_aspect_ratio))
     for source in tqdm(picks, desc="decode", unit="img"):
         e = manifest["entries"][source]

@@ -36,8 +36,8 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreadable, cache_file_intact, cache_name,
-                   check_manifest, delete_unreferenced, fingerprint, latent_stats, load_manifest, same_folder,
+from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreadable, built_from, cache_file_intact,
+                   cache_name, check_manifest, delete_unreferenced, fingerprint, latent_stats, load_manifest,
                    write_manifest)
 from checkpoint import WriteError, write_atomic
 from config import Config, exit_process, main_guard, parse_args, resolve_device
@@ -277,7 +277,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         old = None  # nothing cached (a first run that failed): its settings bind nothing
     if old is not None:
         check_manifest(cfg, old)
-        if not same_folder(old.get("data_dir"), cfg.data_dir):  # nothing in the old cache is known to match
+        if not built_from(old, cfg.data_dir):  # nothing in the old cache is known to match
             say(f"data_dir changed ({old.get('data_dir')} -> {cfg.data_dir}): re-encoding everything")
             old = None
     old_entries = old["entries"] if old else {}
@@ -305,7 +305,8 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         mean, std = latent_stats(entries, cfg.latent_channels)
         return {"version": MANIFEST_VERSION, **{k: getattr(cfg, k) for k in CACHE_SETTINGS},
                 "scale": scale, "shift": shift,
-                "data_dir": cfg.data_dir, "latent_mean": mean, "latent_std": std,
+                "data_dir": cfg.data_dir, "data_dir_abs": os.path.realpath(cfg.data_dir),
+                "latent_mean": mean, "latent_std": std,
                 "num_samples": len(entries), "entries": entries, "skipped": skipped}
 
     new_entries, new_skipped = {}, {}

@@ -688,6 +688,35 @@ def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkey
     assert len(P.ensure_cache(cfg)["entries"]) == 7 and len(encoded) == 3  # the re-run encodes the rest only
 
 
+def test_a_run_started_elsewhere_or_a_moved_project_keeps_the_cache(tmp_path, t5_dir, monkeypatch, capsys):
+    """The cache remembers data_dir as given (relative: from where the run started) and as an absolute path: a
+    job started in another folder with the absolute path re-encodes nothing (the relative path alone would name
+    another folder from there), and neither does a moved project run from its folder; another folder re-encodes."""
+    import shutil
+    project = tmp_path / "project"
+    make_image_folder(str(project / "data"), [(32, 32), (40, 24), (24, 40)])
+    monkeypatch.chdir(project)
+    cfg = pixel_cfg(tmp_path, t5_dir, data_dir="data", cache_dir="cache")
+    assert len(P.ensure_cache(cfg)["entries"]) == 3
+    encoded = record_encoded(monkeypatch)
+    elsewhere = tmp_path / "jobs"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    by_path = pixel_cfg(tmp_path, t5_dir, data_dir=str(project / "data"), cache_dir=str(project / "cache"))
+    assert len(P.ensure_cache(by_path)["entries"]) == 3 and encoded == []
+    assert len(P.ensure_cache(by_path)["entries"]) == 3 and encoded == []  # (its manifest now names the path)
+    monkeypatch.chdir(project)  # and back: the relative spelling again
+    assert len(P.ensure_cache(cfg)["entries"]) == 3 and encoded == []
+    shutil.copytree(project, tmp_path / "moved")  # (copy2: the files keep their times)
+    monkeypatch.chdir(tmp_path / "moved")
+    assert len(P.ensure_cache(cfg)["entries"]) == 3 and encoded == []
+    other = tmp_path / "other"
+    make_image_folder(str(other), [(32, 32)])
+    capsys.readouterr()
+    P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(other), cache_dir="cache"))
+    assert encoded == ["img_000.png"] and "data_dir changed" in capsys.readouterr().out
+
+
 def test_failures_mid_run_cost_one_file_or_keep_what_was_encoded(tmp_path, t5_dir, monkeypatch, capsys):
     """A file gone or failing while preprocess runs is skipped (and tried again next run); an error in the
     encoder (here: out of memory, then any other) keeps the batches encoded before it; a changed
