@@ -1,6 +1,7 @@
 """What train.py measures and writes besides the weights: log.csv and val.csv (their columns, the running
-statistics of the steps between log lines, and CSVLog, the writer that keeps them one run's rows across resumes), the validation loss at fixed t and noise (comparable
-between runs and checkpoints; evaluate.py reports it too) and the prompts of the sample grids."""
+statistics of the steps between log lines, and CSVLog, the writer that keeps them one run's rows across
+resumes), the validation loss at fixed t and noise (comparable between runs and checkpoints; evaluate.py
+reports it too) and the prompts of the sample grids."""
 import csv
 import os
 

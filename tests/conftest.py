@@ -38,6 +38,11 @@ if _os.environ.get("RANK") is not None:
 """
 
 
+def probe_marks(folder) -> list:
+    """The marks teardown_probe left in `folder`, sorted (['started0', 'started1']: two workers, no teardown)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(("started", "teardown")))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     """{'data_dir', 'cache_dir'}: 48 generated shapes images cached with the tiny preset."""

@@ -904,7 +904,7 @@ def test_shapes_source_generates_then_caches(tmp_path):
 def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir):
     """torchrun-style: two processes (gloo on CPU) each encode half; rank 0 writes the manifest."""
     import subprocess
-    from conftest import on_a_free_port, teardown_probe
+    from conftest import on_a_free_port, probe_marks, teardown_probe
     cfg = pixel_cfg(tmp_path, t5_dir)
     names = make_image_folder(str(tmp_path / "data"), [(32, 32), (40, 24), (24, 40), (48, 48), (64, 40)])
     args = ["tiny", "data_source=folder", f"data_dir={cfg.data_dir}", f"cache_dir={cfg.cache_dir}",
@@ -931,8 +931,7 @@ def test_two_ranks_split_the_work_and_rank0_writes_one_manifest(tmp_path, t5_dir
     assert "5 samples" in outs[0] and "5 encoded" in outs[0] and "samples" not in outs[1]  # rank 0 reports
     # each ends with os._exit, not the interpreter's teardown (where gloo's threads, kept alive by the text
     # encoder's from_pretrained, now and then abort the process: exit code -6 after a complete cache)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("started", "teardown"))) == \
-        ["started0", "started1"]
+    assert probe_marks(tmp_path) == ["started0", "started1"]
     manifest = P.load_manifest(cfg.cache_dir)
     assert sorted(manifest["entries"]) == sorted(names)
     assert all(os.path.exists(os.path.join(cfg.cache_dir, e["file"])) for e in manifest["entries"].values())

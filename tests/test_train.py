@@ -405,7 +405,7 @@ def test_torchrun_ranks_share_the_encoding_and_the_logged_loss(tiny_data, tmp_pa
     """Each rank encodes a share of a fresh cache, and log.csv's loss is the mean over both ranks' samples:
     a sitecustomize in the workers records what each rank encodes and adds 1000 x rank to its loss. The workers
     end without the interpreter's teardown."""
-    from conftest import teardown_probe
+    from conftest import probe_marks, teardown_probe
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(f"""
@@ -426,8 +426,7 @@ if os.environ.get("RANK") is not None and os.environ.get("TORCHELASTIC_RUN_ID"):
                                          cache_dir=str(tmp_path / "cache")))
     # the workers end with os._exit, not through the interpreter's teardown, where gloo's threads (kept alive
     # by DDP and transformers) now and then abort a process that finished and saved everything
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("started", "teardown"))) == \
-        ["started0", "started1"]
+    assert probe_marks(tmp_path) == ["started0", "started1"]
     shares = [int((tmp_path / f"encoded{r}.txt").read_text().split()[0]) for r in range(2)]
     assert shares == [24, 24]  # the 48 images, half each
     with open(os.path.join(tmp_path, "shared", "log.csv")) as f:
