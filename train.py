@@ -48,6 +48,12 @@ def out_of_memory_advice(cfg: Config, shape, device) -> str:
             f"target_resolution={cfg.target_resolution}): try " + ", or ".join(hints))
 
 
+# a step that cannot complete stops the run: the last completed step is checkpointed and the model exported, then
+# one line (CacheError or ConfigError) says why; resume=auto runs the step again
+FAULTS = {"batch": ("a batch could not be loaded", CacheError), "memory": ("out of memory", ConfigError),
+          "peer": ("a process of the job ended", ConfigError)}
+
+
 def lost_process(e: Exception, master: bool):
     """Under torchrun, a collective that failed because another process of the job ended (killed, out of
     memory, an error of its own): one line for rank 0, which then checkpoints the last completed step and
@@ -56,6 +62,37 @@ def lost_process(e: Exception, master: bool):
     if why and not master:
         raise ConfigError(why) from None
     return why
+
+
+def check_settings(cfg: Config, say=print):
+    """Settings that cannot train (a one-line error before any work) or that train something else than meant
+    (a warning)."""
+    if cfg.hflip and cfg.data_source == "shapes":  # 4 of its 5 positions are a side: half the flips contradict
+        raise ConfigError("hflip=True: the shapes captions say left and right (\"top left\"), so a flipped image "
+                          "contradicts its caption; hflip is for data whose captions do not")
+    if cfg.optimizer == "adamw8bit":
+        adamw8bit_class()  # bitsandbytes missing: a one-line error now, not after the data work
+    if cfg.warmup_steps >= cfg.max_steps:  # lr_at never gets past the warmup
+        say(f"warning: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate ends at "
+            f"{lr_at(cfg.max_steps - 1, cfg):.2e} still warming up, without the decay to min_lr_ratio (nor the "
+            "max_minutes anneal)")
+    if cfg.caption_dropout == 0 and cfg.cfg_scale != 1:  # the null caption then keeps its random init
+        say(f"warning: caption_dropout=0 does not train the null caption that cfg_scale={cfg.cfg_scale} guides "
+            "from (sample grids, sample.py, evaluate.py): give caption_dropout > 0 (e.g. 0.1) or cfg_scale=1")
+
+
+def open_run_folder(cfg: Config, manifest: dict, resumed_at, gate_names: list) -> tuple:
+    """runs/<run_name>/ of a run that starts (or resumes at step resumed_at): config.json, the latent statistics
+    (sampling uses them later, whatever happens to the cache) and the CSV logs (log, val), without the rows of
+    steps after resumed_at (written after its checkpoint: they are trained again)."""
+    from latents import LATENT_STATS
+    os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
+    write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
+    if cfg.latent_norm:
+        write_json(os.path.join(cfg.run_dir, LATENT_STATS),
+                   {k: manifest[k] for k in ("latent_mean", "latent_std", "scale", "shift")})
+    return (CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at, LOG_COLUMNS + [f"gate_{n}" for n in gate_names]),
+            CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at, VAL_COLUMNS))
 
 
 def train(cfg: Config) -> dict:
@@ -74,7 +111,7 @@ def train(cfg: Config) -> dict:
 
 def run_training(cfg: Config) -> dict:
     from dataset import loading_failure, make_loader
-    from latents import LATENT_STATS, LatentSpace
+    from latents import LatentSpace
     from model import DiTConfig, SingleStreamDiT
     from preprocess import ensure_cache, raise_interrupt
     from sample import encode_prompts, generate, save_grid
@@ -87,11 +124,7 @@ def run_training(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    if cfg.hflip and cfg.data_source == "shapes":  # 4 of its 5 positions are a side: half the flips contradict
-        raise ConfigError("hflip=True: the shapes captions say left and right (\"top left\"), so a flipped image "
-                          "contradicts its caption; hflip is for data whose captions do not")
-    if cfg.optimizer == "adamw8bit":
-        adamw8bit_class()  # bitsandbytes missing: a one-line error now, not after the data work
+    check_settings(cfg, say=print if master else lambda *a, **k: None)
     # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
     resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
     if resume_path:
@@ -103,13 +136,6 @@ def run_training(cfg: Config) -> dict:
                   + (f" (what the folder held is moved to {moved})" if moved else ""))
         elif moved:
             print(f"{cfg.run_dir} held an earlier run: moved to {moved} (resume=auto continues a run instead)")
-    if master and cfg.warmup_steps >= cfg.max_steps:  # lr_at never gets past the warmup
-        print(f"warning: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate ends at "
-              f"{lr_at(cfg.max_steps - 1, cfg):.2e} still warming up, without the decay to min_lr_ratio (nor the "
-              "max_minutes anneal)")
-    if master and cfg.caption_dropout == 0 and cfg.cfg_scale != 1:  # the null caption then keeps its random init
-        print(f"warning: caption_dropout=0 does not train the null caption that cfg_scale={cfg.cfg_scale} guides "
-              "from (sample grids, sample.py, evaluate.py): give caption_dropout > 0 (e.g. 0.1) or cfg_scale=1")
 
     # --- data: build or refresh the cache (under torchrun every rank encodes a share), then loaders over it ---
     # compiled: full batches only (each bucket's short last batch is dropped), so one graph per bucket
@@ -157,22 +183,14 @@ def run_training(cfg: Config) -> dict:
         # the depthwise conv's weight gradient has another stride on its size-1 dimension: the same layout
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
-    # --- run folder (rank 0 writes everything) ---
-    gate_names = sorted(model.fourier_gate_stats())
+    # --- run folder (rank 0 writes everything) and what the sample grids need ---
     log = val_log = None
     if master:
-        os.makedirs(os.path.join(cfg.run_dir, "samples"), exist_ok=True)
-        write_json(os.path.join(cfg.run_dir, "config.json"), to_dict(cfg))
-        resumed_at = step if resume_path else None  # rows of later steps (written after the checkpoint) go
-        log = CSVLog(os.path.join(cfg.run_dir, "log.csv"), resumed_at,
-                     LOG_COLUMNS + [f"gate_{n}" for n in gate_names])
-        val_log = CSVLog(os.path.join(cfg.run_dir, "val.csv"), resumed_at, VAL_COLUMNS)
+        log, val_log = open_run_folder(cfg, manifest, step if resume_path else None,
+                                       sorted(model.fourier_gate_stats()))
         prompts = default_val_prompts(cfg, val_set if val_loader else None)
         prompt_emb = encode_prompts(cfg, prompts, device)  # encoded once, encoder freed
         latent_space = LatentSpace.from_config(cfg, device=device, stats=manifest)
-        if cfg.latent_norm:  # sampling later uses these, whatever happens to the cache after
-            write_json(os.path.join(cfg.run_dir, LATENT_STATS), {k: manifest[k] for k in (
-                "latent_mean", "latent_std", "scale", "shift")})
 
     def validate_and_sample(step):
         """Validation loss and sample grids; what cannot be done (out of memory, a damaged held-out file) is
@@ -237,19 +255,17 @@ def run_training(cfg: Config) -> dict:
     t_log, images_since_log = time.time(), 0
     stats = RunningStats(device)  # the losses and skipped steps since the last log line, on the device
     status, unsaved, diverged = "done", None, False  # unsaved: why the last checkpoint could not be written
-    load_failed = None  # why a step could not load its batch (then: checkpoint, export, one-line error)
-    out_of_memory = None  # the same for a step that ran out of (GPU) memory
-    peer_lost = None  # the same under torchrun for a collective that failed: another process of the job ended
+    fault = None  # (a FAULTS kind, one line): why a step could not complete
 
     def all_ranks(collective, *args, **kwargs):
-        """collective(*args, **kwargs) over the ranks: None, or why it failed (lost_process)."""
+        """collective(*args, **kwargs) over the ranks: None, or the fault of its failure (lost_process)."""
         try:
             collective(*args, **kwargs)
         except RuntimeError as e:
             why = lost_process(e, master)
             if why is None:
                 raise
-            return why
+            return "peer", why
 
     def start_epoch(position):
         """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
@@ -291,11 +307,12 @@ def run_training(cfg: Config) -> dict:
                     batches = start_epoch(0)
                     batch = next(batches)
             except Exception as e:  # a damaged or deleted cache file, a killed DataLoader worker
-                load_failed = loading_failure(e)
-                if load_failed is None:
+                why = loading_failure(e)
+                if why is None:
                     raise
                 if world > 1:  # the other ranks wait in this step's all-reduce: stop the job
-                    raise CacheError(load_failed) from None
+                    raise CacheError(why) from None
+                fault = "batch", why
                 break
             batch_in_epoch += 1
             batch = to_device(batch, device, cfg.trim_text)
@@ -306,28 +323,28 @@ def run_training(cfg: Config) -> dict:
                                                              ema_model if use_consistency else None)
                 loss_scale.backward(loss / cfg.grad_accum)
             except torch.OutOfMemoryError:  # the weights are untouched: save the last completed step, say what to do
-                out_of_memory = out_of_memory_advice(cfg, batch["latents"].shape, device)
+                fault = "memory", out_of_memory_advice(cfg, batch["latents"].shape, device)
                 if world > 1:  # the other ranks wait in this step's all-reduce: stop the job
-                    raise ConfigError(out_of_memory) from None
+                    raise ConfigError(fault[1]) from None
                 loss = per_sample = batch = None
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 break
             except RuntimeError as e:  # under torchrun: DDP's all-reduce found another process gone
-                peer_lost = lost_process(e, master) if world > 1 else None
-                if peer_lost is None:
+                why = lost_process(e, master) if world > 1 else None
+                if why is None:
                     raise
+                fault = "peer", why
                 loss = per_sample = batch = None
                 break
             images_since_log += batch["latents"].shape[0] * world
             finite_loss = stats.add_micro_batch(loss, per_sample, t)
             if loss_ok is not None:
                 loss_ok = loss_ok * finite_loss
-        if world > 1 and loss_scale.enabled and not (load_failed or out_of_memory or peer_lost):
-            # every rank must agree (the scale, the stop at max_nonfinite)
-            peer_lost = all_ranks(dist.all_reduce, loss_ok, op=dist.ReduceOp.MIN)
-        if load_failed or out_of_memory or peer_lost:  # the last completed step is checkpointed below; this one
+        if world > 1 and loss_scale.enabled and not fault:  # every rank must agree (the scale, max_nonfinite)
+            fault = all_ranks(dist.all_reduce, loss_ok, op=dist.ReduceOp.MIN)
+        if fault:  # the last completed step is checkpointed below; this one
             epoch, batch_in_epoch = step_start         # runs again on resume
             gen.set_state(gen_start)  # this step's noise and t are drawn again
             break
@@ -343,8 +360,8 @@ def run_training(cfg: Config) -> dict:
             time_frac = (time.time() - t_start) / 60 / cfg.max_minutes
         if world > 1:  # every rank must stop at the same step (and use the same lr), or they diverge
             flags = torch.tensor([stop["received"] or 0, time_frac], dtype=torch.float64)
-            peer_lost = all_ranks(dist.all_reduce, flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU
-            if peer_lost:
+            fault = all_ranks(dist.all_reduce, flags, op=dist.ReduceOp.MAX, group=host_group)  # on the CPU
+            if fault:
                 break
             stop["signal"], time_frac = int(flags[0]) or None, float(flags[1])
             if cfg.max_minutes > 0:  # every rank on the agreed clock (the earliest started), so the checkpoint's
@@ -372,8 +389,8 @@ def run_training(cfg: Config) -> dict:
                 diverged = True
         if world > 1 and log_now:  # the logged losses are over every rank's samples, not rank 0's
             packed = stats.packed_losses()
-            peer_lost = all_ranks(dist.all_reduce, packed)
-            if peer_lost:  # this step is done: it is checkpointed below
+            fault = all_ranks(dist.all_reduce, packed)
+            if fault:  # this step is done: it is checkpointed below
                 break
             stats.unpack_losses(packed)
         if master and log_now:
@@ -401,8 +418,8 @@ def run_training(cfg: Config) -> dict:
         rng_ranks = None
         if world > 1 and (step % cfg.checkpoint_every == 0 or final):  # the same steps on every rank
             rng_ranks = [None] * world
-            peer_lost = all_ranks(dist.all_gather_object, rng_ranks, rng_state(gen), group=host_group)
-            if peer_lost:
+            fault = all_ranks(dist.all_gather_object, rng_ranks, rng_state(gen), group=host_group)
+            if fault:
                 break
         if master and (step % cfg.checkpoint_every == 0 or final):
             try:
@@ -417,13 +434,12 @@ def run_training(cfg: Config) -> dict:
     bar.close()
     # the step could not load its batch, ran out of memory or lost a process of the job: the last completed step
     # is checkpointed (this one runs again on resume)
-    if load_failed or out_of_memory or peer_lost:
-        status = f"stopped at step {step}: " + ("out of memory" if out_of_memory else "a process of the job ended"
-                                                 if peer_lost else "a batch could not be loaded")
-        if load_failed and stop["received"] is None:  # a signal to the process group may end a DataLoader
+    if fault:
+        status = f"stopped at step {step}: {FAULTS[fault[0]][0]}"
+        if fault[0] == "batch" and stop["received"] is None:  # a signal to the process group may end a DataLoader
             time.sleep(1)  # worker before this process handles its own: a moment for it
-        if load_failed and stop["received"] is not None:  # a DataLoader worker ended by the same signal: a stop
-            load_failed, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
+        if fault[0] == "batch" and stop["received"] is not None:  # a worker ended by the same signal: a stop
+            fault, status = None, f"stopped by signal {stop['received']} at step {step} (checkpoint saved)"
         if master:
             try:
                 save_checkpoint(cfg, checkpoint_state(), say=tqdm.write)
@@ -436,12 +452,9 @@ def run_training(cfg: Config) -> dict:
         if unsaved:  # the model is exported, but the run cannot resume from this step
             raise OSError(f"{unsaved}: the EMA model is in {cfg.run_dir}/model, resume would restart from the "
                           "last checkpoint written")
-        if load_failed:
-            raise CacheError(f"{load_failed} (step {step} is checkpointed: resume=auto goes on from it)")
-        if out_of_memory:
-            raise ConfigError(f"{out_of_memory} (step {step} is checkpointed: resume=auto goes on from it)")
-        if peer_lost:  # (the other ranks' noise streams are not in the checkpoint: a resume starts them afresh)
-            raise ConfigError(f"{peer_lost} (step {step} is checkpointed: resume=auto goes on from it)")
+        if fault:  # (peer: the other ranks' noise streams are not in the checkpoint; a resume starts them afresh)
+            kind, why = fault
+            raise FAULTS[kind][1](f"{why} (step {step} is checkpointed: resume=auto goes on from it)")
         try:
             generate_graph.make_graphs(cfg.run_dir)
         except Exception as e:  # graphs are a convenience; never lose a run over them
