@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import sys
+import traceback
 from dataclasses import asdict, dataclass, fields, replace
 
 DATA_SOURCES = ("shapes", "folder")
@@ -408,10 +409,22 @@ def main_guard(main):
             print(f"error: {why}", file=sys.stderr)
             exit_process(2)
         if type(e).__name__ != "OutOfMemoryError" and "DefaultCPUAllocator: can't allocate" not in str(e):
-            raise  # (the CPU allocator's failure is a plain RuntimeError)
+            uncaught()  # (the CPU allocator's failure is a plain RuntimeError)
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}): fewer or smaller images at once need less",
               file=sys.stderr)
         exit_process(2)
+    except Exception:
+        uncaught()
+
+
+def uncaught():
+    """The exception being handled is a bug, not bad input: raised on with its traceback. A distributed worker
+    prints the traceback and ends with exit code 1 through exit_process (the interpreter's teardown could turn
+    it into an abort)."""
+    if "RANK" not in os.environ:
+        raise
+    traceback.print_exc()
+    exit_process(1)
 
 
 if __name__ == "__main__":

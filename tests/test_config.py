@@ -145,6 +145,20 @@ def test_main_guard_under_torchrun_a_collective_that_lost_a_process_is_one_line(
                                        "[127.0.0.1]:4005\n")
 
 
+def test_main_guard_a_bug_in_a_distributed_worker_keeps_its_traceback_and_skips_the_teardown():
+    """A bug (not bad input) keeps its traceback; in a torchrun worker (RANK set) the process then ends with exit
+    code 1 without the interpreter's teardown (atexit hooks do not run), which gloo's threads could turn into an
+    abort (SIGABRT)."""
+    script = ("import atexit, config; atexit.register(lambda: print('teardown', flush=True)); "
+              "config.main_guard(lambda: 1 / 0)")
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    for rank, teardown in [(None, True), ("1", False)]:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                           env=env if rank is None else {**env, "RANK": rank})
+        assert r.returncode == 1 and r.stderr.startswith("Traceback") and "ZeroDivisionError" in r.stderr, r.stderr
+        assert ("teardown" in r.stdout) == teardown, r.stdout
+
+
 def test_resolve_device_names_a_bad_or_missing_device():
     import torch
     from config import resolve_device
