@@ -2,6 +2,7 @@
 
     python evaluate.py runs/shapes                      # shapes: pixel-analysis scores per attribute
     python evaluate.py runs/flowers --inception inception-2015-12-05.pt   # + FID on held-out images
+    python evaluate.py runs/flowers --clip openai/clip-vit-large-patch14  # + CLIP score on held-out captions
     python evaluate.py runs/shapes --renoise            # + at which noise level attributes get lost
     python evaluate.py runs/shapes --checkpoint 4000    # an earlier checkpoint (scores in eval/step_4000/)
     python evaluate.py runs/flowers --batch 4           # fewer images per forward pass: less GPU memory
@@ -10,7 +11,8 @@ For the shapes data set it generates one image per fixed evaluation prompt (ever
 the held-out (colour, shape) pairs included), scores each by deterministic pixel analysis against its
 prompt (shapes.py) and prints a table per attribute, seen and held-out pairs apart; the scored grid goes
 to runs/<name>/eval/. For any data set it reports the validation loss per timestep bucket on the
-held-out split, and FID against held-out images when a local Inception network is given.
+held-out split, FID against held-out images when a local Inception network is given, and the CLIP score
+(how well images follow their captions) when a CLIP model is given; both on the same generated images.
 
 --renoise (shapes) noises ground-truth renders of the evaluation prompts to t and lets the model denoise
 them back (SDEdit, Meng et al. 2022): an attribute whose score drops between two starting t is one the
@@ -171,13 +173,57 @@ def inception_features(net, images, device, batch=32):
     return torch.cat(feats)
 
 
+class HeldOutSamples:
+    """Up to max_images items of the cache's held-out split with their captions, source images and the images
+    the model generates for them (made on first use, once, for FID and the CLIP score alike: one batched
+    generate() per bucket from the cached caption embeddings, image i from seed + i as if alone)."""
+
+    def __init__(self, cfg, model, device, steps=None, cfg_scale=None, sampler=None, seed=0, max_images=500,
+                 batch_size=16):
+        from dataset import CachedDataset
+        self.cfg, self.model, self.device, self.seed, self.batch_size = cfg, model, device, seed, batch_size
+        self.steps, self.cfg_scale, self.sampler = steps, cfg_scale, sampler
+        self.val = CachedDataset(cfg, "val")
+        self.items = [self.val[i] for i in range(min(len(self.val), max_images))]
+        self.captions = [it["caption"] for it in self.items]
+        self._generated = None
+
+    def sources(self) -> list:
+        """The held-out source images that are still there, cropped to their buckets as in the cache."""
+        from images import load_image, resize_and_crop
+        f, real = self.cfg.vae_downsample, []
+        for i, it in enumerate(self.items):
+            src = os.path.join(self.cfg.data_dir, self.val.sources[i])
+            if os.path.isfile(src):
+                _, h, w = it["latents"].shape
+                real.append(resize_and_crop(load_image(src), (w * f, h * f)))
+        return real
+
+    def generated(self) -> list:
+        if self._generated is None:
+            from runs import latent_space_for
+            from sample import generate
+            space, f = latent_space_for(self.cfg, self.device), self.cfg.vae_downsample
+            by_bucket = {}  # latent (h, w) -> indices of the held-out items
+            for i, it in enumerate(self.items):
+                by_bucket.setdefault(tuple(it["latents"].shape[1:]), []).append(i)
+            images = [None] * len(self.items)
+            for (h, w), idx in by_bucket.items():
+                emb = (torch.stack([self.items[i]["text"] for i in idx]).float().to(self.device),  # (n, L, D)
+                       torch.stack([self.items[i]["mask"] for i in idx]).to(self.device))         # (n, L)
+                out = generate(self.model, space, emb, self.cfg, seed=[self.seed + i for i in idx], size=(w * f, h * f),
+                               steps=self.steps, cfg_scale=self.cfg_scale, sampler=self.sampler,
+                               batch_size=self.batch_size, progress=True)
+                for i, image in zip(idx, out):
+                    images[i] = image
+            self._generated = images
+        return self._generated
+
+
 def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None, sampler=None, seed=0,
-                 max_images=500, batch_size=16):
-    """FID of generated images (held-out captions) against the held-out source images."""
-    from dataset import CachedDataset
-    from images import load_image, resize_and_crop
-    from runs import latent_space_for
-    from sample import generate
+                 max_images=500, batch_size=16, held_out=None):
+    """(FID of images generated for held-out captions against the held-out source images, message), or (None,
+    why it was skipped). held_out: a HeldOutSamples whose generated images are shared with other scores."""
     if not inception_path or not os.path.isfile(inception_path):
         return None, ("FID skipped: no local Inception network (give --inception PATH to a TorchScript "
                       "Inception, e.g. NVlabs' inception-2015-12-05.pt; nothing is downloaded)")
@@ -185,17 +231,10 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
         net = torch.jit.load(inception_path, map_location=device).eval()
     except Exception as e:  # not a TorchScript file: the rest of the report still gets written
         return None, f"FID skipped: {inception_path} is not a TorchScript network ({type(e).__name__})"
-    val = CachedDataset(cfg, "val")
-    n = min(len(val), max_images)
-    if n < 2:
+    held_out = held_out or HeldOutSamples(cfg, model, device, steps, cfg_scale, sampler, seed, max_images, batch_size)
+    if len(held_out.items) < 2:
         return None, "FID skipped: fewer than 2 held-out images"
-    items = [val[i] for i in range(n)]
-    real = []
-    for i, it in enumerate(items):  # the held-out source image, cropped to its bucket as in the cache
-        src = os.path.join(cfg.data_dir, val.sources[i])
-        if os.path.isfile(src):
-            c, h, w = it["latents"].shape
-            real.append(resize_and_crop(load_image(src), (w * cfg.vae_downsample, h * cfg.vae_downsample)))
+    real = held_out.sources()
     if len(real) < 2:
         return None, "FID skipped: held-out source images not found"
     try:  # a TorchScript file that is not an Inception-like network: said before any image is generated
@@ -203,19 +242,7 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
     except Exception as e:  # (TorchScript's message ends in the Python error's line)
         return None, (f"FID skipped: {inception_path} does not map (N, 3, 299, 299) images to features "
                       f"({(str(e).strip().splitlines() or [type(e).__name__])[-1][:120]})")
-    space = latent_space_for(cfg, device)
-    by_bucket = {}  # latent (h, w) -> indices of the held-out items: one batched generate() per bucket
-    for i, it in enumerate(items):
-        by_bucket.setdefault(tuple(it["latents"].shape[1:]), []).append(i)
-    fake = [None] * n
-    for (h, w), idx in by_bucket.items():
-        emb = (torch.stack([items[i]["text"] for i in idx]).float().to(device),  # cached: no encoder to load
-               torch.stack([items[i]["mask"] for i in idx]).to(device))         # (n, L, D), (n, L)
-        images = generate(model, space, emb, cfg, seed=[seed + i for i in idx],  # image i: seed + i, as alone
-                          size=(w * cfg.vae_downsample, h * cfg.vae_downsample), steps=steps, cfg_scale=cfg_scale,
-                          sampler=sampler, batch_size=batch_size, progress=True)
-        for i, image in zip(idx, images):
-            fake[i] = image
+    fake = held_out.generated()
     try:
         fid = frechet_distance(real_features, inception_features(net, fake, device))
     except RuntimeError as e:  # e.g. features that are not finite: eigh does not converge
@@ -224,6 +251,60 @@ def evaluate_fid(cfg, model, device, inception_path, steps=None, cfg_scale=None,
         return None, (f"FID skipped: {inception_path} gave features it cannot be computed from "
                       f"({why if fid is None else fid})")
     return fid, f"FID {fid:.2f} ({len(fake)} generated vs {len(real)} held-out images)"
+
+
+def load_clip(name: str, device):
+    """(model, tokenizer, image processor) of a CLIP-like model (CLIP, SigLIP: a text and an image tower in one
+    embedding space) through transformers, from a hub id (the local Hugging Face cache, as the text encoder
+    loads) or a folder; ConfigError naming `name` when it cannot be loaded or has no image tower."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+    from latents import HUB_HINT, _hub_error_line, check_local_folder, files_only
+    from text_encoder import quiet_transformers
+    check_local_folder("--clip", name)
+    offline = files_only(name)
+    where = "local folder" if os.path.isdir(name) else f"hub id ({HUB_HINT})"
+    with quiet_transformers():  # (its progress bars and notes: this says what it loaded or why it could not)
+        try:
+            model = AutoModel.from_pretrained(name, local_files_only=offline).to(device).eval()
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        except Exception as e:
+            raise ConfigError(f"--clip {name}: cannot load a CLIP model from this {where}: {_hub_error_line(e)}"
+                              ) from None
+        try:  # (PIL: no torchvision here)
+            processor = AutoImageProcessor.from_pretrained(name, local_files_only=offline, backend="pil")
+        except Exception as e:
+            raise ConfigError(f"--clip {name}: cannot load its image processor (preprocessor_config.json; a "
+                              f"text model alone cannot score images): {_hub_error_line(e)}") from None
+    if not (hasattr(model, "get_image_features") and hasattr(model, "get_text_features")):
+        raise ConfigError(f"--clip {name}: a {type(model).__name__} has no text and image towers in one space "
+                          "(give a CLIP or SigLIP model)")
+    return model, tokenizer, processor
+
+
+def features(out) -> torch.Tensor:
+    """get_*_features' result: a tensor (transformers 4) or an output whose pooler_output holds it (5)."""
+    return out if torch.is_tensor(out) else out.pooler_output
+
+
+@torch.no_grad()
+def clip_score(clip, images, captions, device, batch=32) -> float:
+    """CLIPScore (Hessel et al. 2021) as torchmetrics reports it: the mean over images of 100 x max(0, cosine
+    of the image's and its caption's embeddings). How well images follow their prompts; compare runs with the
+    same CLIP model (the scale differs between models). Captions longer than the text tower are truncated."""
+    model, tokenizer, processor = clip
+    max_length = getattr(getattr(model.config, "text_config", model.config), "max_position_embeddings", 77)
+    padding = "max_length" if "siglip" in model.config.model_type else True  # SigLIP was trained on padded text
+    scores = []
+    for i in range(0, len(images), batch):
+        text = tokenizer(captions[i:i + batch], padding=padding, truncation=True, max_length=max_length,
+                         return_tensors="pt").to(device)
+        pixels = processor(images=[im.convert("RGB") for im in images[i:i + batch]],
+                           return_tensors="pt")["pixel_values"].to(device)
+        t = features(model.get_text_features(input_ids=text["input_ids"], attention_mask=text.get("attention_mask")))
+        t = torch.nn.functional.normalize(t.float(), dim=-1)
+        v = torch.nn.functional.normalize(features(model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        scores.append((100 * (t * v).sum(-1)).clamp_min(0).cpu())  # (n,)
+    return torch.cat(scores).mean().item()
 
 
 def main():
@@ -240,6 +321,8 @@ def main():
     p.add_argument("--per-pair", type=int, default=None,
                    help="shapes: prompts per (colour, shape) pair (default 8; --renoise: 4)")
     p.add_argument("--inception", default=None, help="local TorchScript Inception for FID")
+    p.add_argument("--clip", default=None, help="CLIP (or SigLIP) model, a hub id in the local cache or a folder: "
+                   "the CLIP score of images generated for the held-out captions")
     p.add_argument("--batch", type=int, default=16, help="images per forward pass and VAE decode (CFG: twice "
                    "as many); smaller needs less memory, the scores are the same (--renoise samples each "
                    "bucket's renders in one batch)")
@@ -264,6 +347,7 @@ def main():
     args.run_dir, args.checkpoint = run_and_checkpoint(args.run_dir, args.checkpoint)
     cfg, model = load_run(args.run_dir, device, args.checkpoint)
     cfg = with_sample_shift(cfg, args.shift)
+    clip = load_clip(args.clip, device) if args.clip else None  # a wrong name: one line before any work
     step = run_step(args.run_dir, args.checkpoint)
     # an earlier checkpoint's scores in eval/step_<N>/ (a renamed file that holds no step: eval/<its name>/)
     named = f"step_{step}" if step is not None else os.path.splitext(os.path.basename(str(args.checkpoint)))[0]
@@ -298,11 +382,22 @@ def main():
             print("val loss " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if v != ""))
     except (FileNotFoundError, ConfigError) as e:
         print(f"validation loss skipped: {e}")
-    fid, message = evaluate_fid(cfg, model, device, args.inception, args.steps, args.cfg, args.sampler,
-                                args.seed, batch_size=args.batch)
+    held_out = None
+    if args.inception or clip:  # their scores share one generation
+        held_out = HeldOutSamples(cfg, model, device, args.steps, args.cfg, args.sampler, args.seed,
+                                  batch_size=args.batch)
+    fid, message = evaluate_fid(cfg, model, device, args.inception, held_out=held_out)
     print(message)
     report["fid"] = fid
     save_report()
+    if clip and held_out.items:
+        report["clip_score"] = clip_score(clip, held_out.generated(), held_out.captions, device)
+        report["clip_model"] = args.clip
+        print(f"CLIP score {report['clip_score']:.2f} ({len(held_out.items)} images generated for held-out captions, "
+              f"{args.clip})")
+        save_report()
+    elif clip:
+        print("CLIP score skipped: no held-out images (val_fraction=0)")
     print(f"wrote {out_dir}/eval.json (a model trained {report['trained_steps']} steps; {report['sampler']}, "
           f"{report['steps']} steps, cfg {report['cfg_scale']}, "
           f"sample_shift {report['sample_shift'] or 'as trained'})")

@@ -1,6 +1,7 @@
 """evaluate.py: runs on a tiny run; FID maths; the checker scores ground truth (see test_shapes.py)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -168,3 +169,82 @@ def test_batch_sets_images_per_forward_pass_not_the_scores(tiny_run, monkeypatch
     assert max(batches) == 3 and sum(batches) == small["num_images"]
     for part in ("seen", "held_out"):
         assert small[part] == default[part]
+
+
+def save_tiny_clip_with_processor(path):
+    """A tiny CLIP folder as a hub snapshot has it: model, tokenizer and image processor (16 px)."""
+    from tiny_models import save_tiny_clip
+    from transformers import CLIPImageProcessorPil
+    model = save_tiny_clip(str(path))
+    CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(str(path))
+    return model
+
+
+def test_clip_score_is_the_models_own_image_caption_similarity(tmp_path):
+    """The CLIP score of images and captions equals 100 x the cosine CLIPModel's forward gives for each pair
+    (logits_per_image over its logit scale), floored at 0 and averaged; batching and a caption longer than the
+    text tower (truncated) change nothing."""
+    import numpy as np
+    from PIL import Image
+    from evaluate import clip_score, load_clip
+    save_tiny_clip_with_processor(tmp_path / "clip")
+    clip = load_clip(str(tmp_path / "clip"), torch.device("cpu"))
+    model, tokenizer, processor = clip
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(20, 30), (16, 16), (40, 24), (33, 17), (16, 50), (28, 28)]]
+    captions = ["a red square", "a blue circle", "red", "circle square red blue", "a", "a small green triangle"]
+    with torch.no_grad():
+        out = model(**tokenizer(captions, padding=True, return_tensors="pt"),
+                    pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+    cosine = out.logits_per_image.diag() / model.logit_scale.exp()
+    assert (cosine < 0).any() and (cosine > 0).any()  # the floor at 0 is exercised
+    expected = (100 * cosine).clamp_min(0).mean().item()
+    assert abs(clip_score(clip, images, captions, torch.device("cpu")) - expected) < 1e-4
+    assert abs(clip_score(clip, images, captions, torch.device("cpu"), batch=4) - expected) < 1e-4
+    long = ["a red square " * 20] + captions[1:]  # 60 words: past the tiny text tower's 16 positions
+    assert 0 <= clip_score(clip, images, long, torch.device("cpu"), batch=4) <= 100
+
+
+def test_clip_score_and_fid_share_one_generation_on_the_cli(tiny_run, tmp_path, monkeypatch, capsys):
+    """evaluate.py --clip --inception: both scores in eval.json, from one generation of the held-out captions."""
+    import evaluate
+    import sample
+
+    class Features(torch.nn.Module):  # a stand-in TorchScript Inception: (N,3,299,299) -> (N,2)
+        def forward(self, x):
+            return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1)
+
+    torch.jit.script(Features()).save(str(tmp_path / "inception.pt"))
+    save_tiny_clip_with_processor(tmp_path / "clip")
+    calls = []
+    generate = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: calls.append(k) or generate(*a, **k))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", tiny_run, "--steps", "2", "--per-pair", "1",
+                                      "--inception", str(tmp_path / "inception.pt"), "--clip", str(tmp_path / "clip")])
+    evaluate.main()
+    report = json.load(open(os.path.join(tiny_run, "eval", "eval.json")))
+    out = capsys.readouterr().out
+    assert report["fid"] is not None and 0 <= report["clip_score"] <= 100
+    assert report["clip_model"] == str(tmp_path / "clip")
+    assert f"CLIP score {report['clip_score']:.2f}" in out
+    held_out = [k for k in calls if isinstance(k["seed"], list)]  # (the shapes prompts: one seed for all)
+    assert len(held_out) == 1, calls  # one bucket in the tiny run: one batched call for FID and CLIP
+
+
+def test_a_clip_model_that_cannot_be_loaded_is_one_line(tiny_run, tmp_path):
+    save_tiny_clip_with_processor(tmp_path / "clip")
+    from tiny_models import save_tiny_t5
+    save_tiny_t5(str(tmp_path / "t5"))
+    shutil.copytree(tmp_path / "t5", tmp_path / "t5_with_processor")
+    shutil.copy(tmp_path / "clip" / "preprocessor_config.json", tmp_path / "t5_with_processor")
+    os.remove(tmp_path / "clip" / "preprocessor_config.json")  # a CLIP text model's folder has no image processor
+    for name, expected in [(str(tmp_path / "missing"), f"--clip={str(tmp_path / 'missing')!r}: no such folder"),
+                           (str(tmp_path / "t5"), f"--clip {tmp_path / 't5'}: cannot load its image processor"),
+                           (str(tmp_path / "t5_with_processor"), f"--clip {tmp_path / 't5_with_processor'}: a T5Model "
+                                                                 "has no text and image towers"),
+                           (str(tmp_path / "clip"), f"--clip {tmp_path / 'clip'}: cannot load its image processor")]:
+        r = subprocess.run([sys.executable, "evaluate.py", tiny_run, "--clip", name], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {expected}"), r.stderr[-500:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
