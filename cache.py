@@ -84,8 +84,8 @@ def check_manifest(cfg: Config, manifest: dict):
     """CacheError naming the first setting the cache was built with that differs from cfg."""
     for key in CACHE_SETTINGS:
         if key in ("vae", "text_encoder") and os.path.isdir(getattr(cfg, key)) \
-                and isinstance(manifest.get(key), str) and same_folder(manifest[key], getattr(cfg, key)):
-            continue  # models/vae, models/vae/ and /abs/models/vae are one folder
+                and isinstance(manifest.get(key), str) and built_from(manifest, getattr(cfg, key), key):
+            continue  # models/vae, models/vae/, ../models/vae from elsewhere and /abs/models/vae are one folder
         if manifest.get(key) != getattr(cfg, key):
             raise CacheError(f"cache_dir={cfg.cache_dir} was built with {key}={manifest.get(key)!r} but the "
                              f"config has {key}={getattr(cfg, key)!r}: rebuild it (python preprocess.py "
@@ -111,11 +111,21 @@ def same_folder(a, b) -> bool:
     return a is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
-def built_from(manifest: dict, data_dir: str) -> bool:
-    """Whether the cache was built from data_dir: the folder as it was given (relative: from where the run
-    started), which still holds when the project folder moved, or as an absolute path (data_dir_abs), which
-    holds when a run starts elsewhere (a job script's own folder) with another spelling of it."""
-    return same_folder(manifest.get("data_dir"), data_dir) or same_folder(manifest.get("data_dir_abs"), data_dir)
+LOCAL_FOLDERS = ("data_dir", "vae", "text_encoder")  # kept in the manifest as given and as absolute paths
+
+
+def absolute_folders(cfg: Config) -> dict:
+    """{'<key>_abs': absolute path} of cfg's local folders (a vae or text_encoder that is a hub id has none)."""
+    return {f"{key}_abs": os.path.realpath(getattr(cfg, key)) for key in LOCAL_FOLDERS
+            if key == "data_dir" or os.path.isdir(getattr(cfg, key))}
+
+
+def built_from(manifest: dict, folder: str, key: str = "data_dir") -> bool:
+    """Whether the cache was built from this folder (data_dir, or a local vae / text_encoder): the folder as it
+    was given (relative: from where the run started), which still holds when the project folder moved, or as an
+    absolute path (<key>_abs), which holds when a run starts elsewhere (a job script's own folder) with another
+    spelling of it."""
+    return same_folder(manifest.get(key), folder) or same_folder(manifest.get(f"{key}_abs"), folder)
 
 
 def cache_file_intact(cache_dir: str, entry: dict) -> bool:

@@ -36,9 +36,9 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreadable, built_from, cache_file_intact,
-                   cache_name, check_manifest, delete_unreferenced, fingerprint, latent_stats, load_manifest,
-                   write_manifest)
+from cache import (CACHE_SETTINGS, MANIFEST_VERSION, CacheError, ManifestUnreadable, absolute_folders, built_from,
+                   cache_file_intact, cache_name, check_manifest, delete_unreferenced, fingerprint, latent_stats,
+                   load_manifest, write_manifest)
 from checkpoint import WriteError, write_atomic
 from config import Config, exit_process, main_guard, parse_args, resolve_device
 from images import (IMAGE_EXTS, Skip, area_kept, bucket_for, decode_min_side, find_images, load_image, make_buckets,
@@ -305,7 +305,7 @@ def ensure_cache(cfg: Config, force: bool = False, distributed: bool = False, ve
         mean, std = latent_stats(entries, cfg.latent_channels)
         return {"version": MANIFEST_VERSION, **{k: getattr(cfg, k) for k in CACHE_SETTINGS},
                 "scale": scale, "shift": shift,
-                "data_dir": cfg.data_dir, "data_dir_abs": os.path.realpath(cfg.data_dir),
+                "data_dir": cfg.data_dir, **absolute_folders(cfg),
                 "latent_mean": mean, "latent_std": std,
                 "num_samples": len(entries), "entries": entries, "skipped": skipped}
 

@@ -689,20 +689,23 @@ def test_a_full_disk_keeps_what_was_encoded_and_says_so(tmp_path, t5_dir, monkey
 
 
 def test_a_run_started_elsewhere_or_a_moved_project_keeps_the_cache(tmp_path, t5_dir, monkeypatch, capsys):
-    """The cache remembers data_dir as given (relative: from where the run started) and as an absolute path: a
-    job started in another folder with the absolute path re-encodes nothing (the relative path alone would name
-    another folder from there), and neither does a moved project run from its folder; another folder re-encodes."""
+    """The cache remembers data_dir and a local text_encoder (or vae) folder as given (relative: from where the
+    run started) and as absolute paths: a job started in another folder with the absolute paths re-encodes
+    nothing and is no 'other settings' error (the relative paths alone would name other folders from there), and
+    neither does a moved project run from its folder; another data folder re-encodes."""
     import shutil
     project = tmp_path / "project"
     make_image_folder(str(project / "data"), [(32, 32), (40, 24), (24, 40)])
+    shutil.copytree(t5_dir, project / "models" / "t5")
     monkeypatch.chdir(project)
-    cfg = pixel_cfg(tmp_path, t5_dir, data_dir="data", cache_dir="cache")
+    cfg = pixel_cfg(tmp_path, t5_dir, data_dir="data", cache_dir="cache", text_encoder="models/t5")
     assert len(P.ensure_cache(cfg)["entries"]) == 3
     encoded = record_encoded(monkeypatch)
     elsewhere = tmp_path / "jobs"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    by_path = pixel_cfg(tmp_path, t5_dir, data_dir=str(project / "data"), cache_dir=str(project / "cache"))
+    by_path = pixel_cfg(tmp_path, t5_dir, data_dir=str(project / "data"), cache_dir=str(project / "cache"),
+                        text_encoder=str(project / "models" / "t5"))
     assert len(P.ensure_cache(by_path)["entries"]) == 3 and encoded == []
     assert len(P.ensure_cache(by_path)["entries"]) == 3 and encoded == []  # (its manifest now names the path)
     monkeypatch.chdir(project)  # and back: the relative spelling again
@@ -713,7 +716,7 @@ def test_a_run_started_elsewhere_or_a_moved_project_keeps_the_cache(tmp_path, t5
     other = tmp_path / "other"
     make_image_folder(str(other), [(32, 32)])
     capsys.readouterr()
-    P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(other), cache_dir="cache"))
+    P.ensure_cache(pixel_cfg(tmp_path, t5_dir, data_dir=str(other), cache_dir="cache", text_encoder="models/t5"))
     assert encoded == ["img_000.png"] and "data_dir changed" in capsys.readouterr().out
 
 
