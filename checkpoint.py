@@ -43,12 +43,20 @@ def rng_state(gen) -> dict:
     return state
 
 
-def set_rng_state(state: dict, gen):
+def set_rng_state(state: dict, gen) -> bool:
+    """Restore rng_state(); returns whether gen's stream was restored. A checkpoint of a run on another kind of
+    device (resume may change device=) holds another generator's state: a CUDA generator's is 16 bytes (seed,
+    offset), a CPU one's 5056, and set_state raises on the other's; gen is then left to the caller (resume_run
+    seeds it). The global CUDA generators: as many as are visible here (a run on a machine with more GPUs saved
+    one per GPU; set_rng_state_all would fail on the GPUs that are not here)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    gen.set_state(state["gen"])
+    restored = state["gen"].numel() == gen.get_state().numel()
+    if restored:
+        gen.set_state(state["gen"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(list(state["cuda"])[:torch.cuda.device_count()])
+    return restored
 
 
 class WriteError(OSError):
@@ -304,9 +312,13 @@ def resume_run(cfg: Config, resume_path, ckpt, model, ema_model, optimizer, loss
                   f"{batch_in_epoch * world} of its shared batch list")
     rng_ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]  # each rank's noise/t stream (rank 0's: older runs)
     if saved_world == world and rank < len(rng_ranks):
-        set_rng_state(rng_ranks[rank], gen)
+        restored = set_rng_state(rng_ranks[rank], gen)
+        if not restored and master:
+            print(f"note: {resume_path} was written on another kind of device: the noise and t streams start afresh")
     else:  # no saved stream for this rank: one of its own, never a copy of rank 0's
         set_rng_state(ckpt["rng"], gen)
+        restored = False
+    if not restored:
         gen.manual_seed(((cfg.seed * 1000 + rank) * 1_000_003 + step) % 2 ** 63)
     if isinstance(ckpt.get("loss_scale"), dict):  # fp16: go on with the scale it had found
         loss_scale.load_state_dict(ckpt["loss_scale"])

@@ -677,6 +677,44 @@ def test_resume_errors_and_fallback(tiny_data, tmp_path, capsys):
     assert "max_token_length 16 -> 12" in out and "trained on other text embeddings or latents" in out
 
 
+def test_a_resume_on_another_kind_of_device_or_fewer_gpus_restores_what_fits(tiny_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    """device= may change on resume, but a CUDA generator's state (16 bytes: seed, offset) does not fit a CPU
+    generator (5056 bytes) nor the other way round (set_state raises): the noise stream then starts afresh.
+    A run on a machine with more GPUs saved one global CUDA state per GPU: only the visible ones are restored."""
+    args = tiny_args(tiny_data, tmp_path, max_steps=2, checkpoint_every=2, run_name="gpu")
+    T.train(get_config("tiny", **args))
+    path = C.list_checkpoints(get_config("tiny", **args))[-1]
+    ckpt = torch.load(path, weights_only=False)
+    cuda_gen = torch.tensor([7, 0], dtype=torch.int64).view(torch.uint8)  # what torch.Generator("cuda") saves
+    ckpt["rng"] = dict(ckpt["rng"], gen=cuda_gen, cuda=[cuda_gen.clone(), cuda_gen.clone()])  # two GPUs there
+    torch.save(ckpt, path)
+    capsys.readouterr()
+    result = T.train(get_config("tiny", **dict(args, max_steps=3, resume=path)))  # here: a CPU
+    assert result["step"] == 3 and result["status"] == "done"
+    assert "written on another kind of device" in capsys.readouterr().out
+
+    class CudaGenerator:  # torch.Generator("cuda")'s state handling, on a machine without one
+        state = cuda_gen.clone()
+
+        def get_state(self):
+            return self.state.clone()
+
+        def set_state(self, state):
+            if state.numel() != 16:
+                raise RuntimeError("RNG state is wrong size")
+            self.state = state.clone()
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    assert C.set_rng_state(ckpt["rng"], CudaGenerator())  # a GPU run on one GPU of the two it had
+    assert len(restored[-1]) == 1
+    cpu_state = C.rng_state(torch.Generator())
+    assert not C.set_rng_state(cpu_state, CudaGenerator())  # a CPU run resumed on a GPU: no error
+
+
 def test_a_resume_goes_on_with_the_clock_the_logs_and_its_own_checkpoints(tiny_data, tmp_path, capsys):
     """Resuming from step 4 of a 6-step run: the log rows of steps 5-6 (and a row cut off by a kill) go,
     the later checkpoint is renamed *.abandoned (pruning and resume=auto must not prefer it), and the
