@@ -116,6 +116,13 @@ def allow_tf32():
     torch.backends.cudnn.allow_tf32 = True
 
 
+def peak_memory_mb(device):
+    """log.csv's peak_mem_mb: the most memory the run's GPU has held allocated so far (MiB), "" on other devices.
+    Asked of that device: a run on cuda:1 (a single process leaves the current device at cuda:0) would read
+    cuda:0's, nothing."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else ""
+
+
 def to_device(batch: dict, device, trim_text=False) -> dict:
     """Move a batch; with trim_text, cut the text to the longest caption (padding is never attended)."""
     if trim_text:

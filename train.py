@@ -31,8 +31,8 @@ from checkpoint import (check_resume_fits, checkpoint_dir, load_resume_checkpoin
 from objective import flow_matching_loss
 from metrics import LOG_COLUMNS, VAL_COLUMNS, CSVLog, RunningStats, default_val_prompts, validation_loss
 from optim import LossScale, adamw8bit_class, lr_at, make_optimizer, optimizer_update
-from runtime import (PROCESS_GROUP_TIMEOUT, allow_tf32, autocast_for, compile_for_training, precision_for,
-                     setup_distributed, to_device, triton_installed, use_compile)
+from runtime import (PROCESS_GROUP_TIMEOUT, allow_tf32, autocast_for, compile_for_training, peak_memory_mb,
+                     precision_for, setup_distributed, to_device, triton_installed, use_compile)
 
 
 def out_of_memory_advice(cfg: Config, shape, device) -> str:
@@ -398,7 +398,7 @@ def run_training(cfg: Config) -> dict:
             row = {"step": step, "epoch": epoch, **stats.loss_columns(), "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": n_skipped, "loss_scale": loss_scale.scale.item() if loss_scale.enabled else "",
-                   "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else "",
+                   "peak_mem_mb": peak_memory_mb(device),
                    **{f"gate_{name}": value for name, value in model.fourier_gate_stats().items()}}
             log.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", img_s=f"{row['images_per_s']:.0f}")

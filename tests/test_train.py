@@ -1004,6 +1004,15 @@ def test_compile_for_training_regional_with_checkpointing_matches_eager():
     assert list(model.state_dict()) == list(eager.state_dict())  # export keys unchanged
 
 
+def test_peak_memory_is_read_from_the_runs_gpu(monkeypatch):
+    """device=cuda:1 in one process: the current device stays cuda:0, whose allocator never held the run's
+    memory; log.csv's peak_mem_mb must come from cuda:1's."""
+    peaks = {torch.device("cuda", 1): 3 * 2**20}
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peaks.get(device, 0))
+    assert runtime.peak_memory_mb(torch.device("cuda", 1)) == 3.0
+    assert runtime.peak_memory_mb(torch.device("cpu")) == ""
+
+
 def test_compile_auto_means_gpu_only(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not T.use_compile(get_config("tiny", compile="auto"), cpu)
