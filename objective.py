@@ -75,7 +75,9 @@ def flow_matching_loss(model, batch, cfg: Config, gen, ema_model=None, t=None, e
         with torch.no_grad():
             t_less = t * 0.5
             x_less = S.add_noise(x0, eps, t_less)
-            target = pred.x0(ema_model(x_less, t_less, text, mask, drop).float(), x_less, t_less)
+            # the batch's padding flag too: without it the model reads the mask on the host, a sync every step
+            out_less = ema_model(x_less, t_less, text, mask, drop, text_padded=batch.get("text_padded"))
+            target = pred.x0(out_less.float(), x_less, t_less)
         x0_hat = pred.x0(out.float(), x_t, t)
         loss = loss + cfg.self_consistency_loss * F.mse_loss(x0_hat, target)
     return loss, per_sample.detach(), t

@@ -133,3 +133,17 @@ def test_to_device_trims_text_to_the_longest_caption():
     full = T.to_device(dict(b, mask=torch.ones(3, 7, dtype=torch.bool), drop=torch.zeros(3, dtype=torch.bool)),
                        torch.device("cpu"), trim_text=True)
     assert full["text"].shape[1] == 7 and full["text_padded"] is False
+
+
+def test_the_ema_forward_of_the_consistency_loss_gets_the_padding_flag():
+    """runtime.to_device computes text_padded on the host so that no forward reads the mask on the device (a
+    host-device sync on a GPU); the EMA forward of self_consistency_loss must get it as the online one does."""
+    cfg = get_config("tiny", self_consistency_loss=1.0)
+    torch.manual_seed(0)
+    model, ema = SingleStreamDiT(DiTConfig.from_config(cfg)), SingleStreamDiT(DiTConfig.from_config(cfg))
+    seen = []
+    forward = ema.forward
+    ema.forward = lambda *a, **k: seen.append(k.get("text_padded")) or forward(*a, **k)
+    batch = T.to_device(batch_for(cfg), torch.device("cpu"))
+    loss, _, _ = O.flow_matching_loss(model, batch, cfg, torch.Generator().manual_seed(1), ema_model=ema)
+    assert seen == [True] and torch.isfinite(loss)
