@@ -173,3 +173,26 @@ def test_a_step_with_grad_accum_runs_its_micro_steps():
     out = bench.bench_train(get_config("tiny", grad_accum=3), bench.resolve_device("cpu"),
                             dict(bench.BENCH_DEFAULTS, steps=1, warmup=0))
     assert out["train_images_per_s"] == pytest.approx(12 / out["train_s_per_step"])
+
+
+def test_preprocess_timings_start_after_the_warm_up_is_done(monkeypatch):
+    """On a GPU the warm-up call returns before its kernels finish: each clock must start after a sync, or
+    the warm-up's tail is timed with the measured call (VAE and text encoder alike)."""
+    import time
+    import torch
+    import bench
+    import text_encoder
+    from config import get_config
+    events = []
+    monkeypatch.setattr(bench, "sync", lambda device: events.append("sync"))
+    clock = time.perf_counter
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: events.append("clock") or clock())
+
+    class Encoder:
+        def encode(self, captions):
+            events.append("encode")
+
+    monkeypatch.setattr(text_encoder, "load_text_encoder", lambda cfg, device, dtype: Encoder())
+    bench.bench_preprocess(get_config("tiny"), torch.device("cpu"), dict(bench.BENCH_DEFAULTS, sample_batch=2))
+    starts = [i for i, e in enumerate(events) if e == "clock"][::2]  # each timing: start, then stop
+    assert len(starts) == 2 and all(events[i - 1] == "sync" for i in starts), events
