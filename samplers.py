@@ -325,11 +325,18 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
     """
     if (neg_text is None) != (neg_mask is None):
         raise ValueError("neg_text and neg_mask must be given together")
+    padded = []  # whether the model's masks hide any token: the same in every step, so worked out in the first
+    # (one host sync) and passed on, instead of the model's own check (a host-device sync in every step)
+
+    def forward(x, t, text, mask, drop):
+        if not padded and mask is not None:  # a null caption (drop) attends to its first token only
+            padded.append(bool((~mask.bool()).any()) or (drop is not None and mask.shape[1] > 1 and bool(drop.any())))
+        return model(x, t, text, mask, drop=drop, text_padded=padded[0] if padded else None)
 
     def velocity_fn(x, t):
         B = x.shape[0]
         if cfg_scale == 1.0:
-            out = model(x, t, text, text_mask, drop=None).to(x.dtype)           # (B, C, H, W)
+            out = forward(x, t, text, text_mask, None).to(x.dtype)              # (B, C, H, W)
             return prediction.velocity(out, x, t)
         if neg_text is None:
             un_text, un_mask = text, text_mask       # ignored by the model: drop=True uses the null caption
@@ -342,7 +349,7 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
         c_text, c_mask = _pad_tokens(text, text_mask, length)
         u_text, u_mask = _pad_tokens(un_text, un_mask, length)
         x2, t2 = torch.cat([x, x]), torch.cat([t, t])                           # (2B, C, H, W), (2B,)
-        out = model(x2, t2, torch.cat([c_text, u_text]), torch.cat([c_mask, u_mask]), drop=drop)
+        out = forward(x2, t2, torch.cat([c_text, u_text]), torch.cat([c_mask, u_mask]), drop)
         v_cond, v_uncond = prediction.velocity(out.to(x.dtype), x2, t2).chunk(2)
         return v_uncond + cfg_scale * (v_cond - v_uncond)                       # (B, C, H, W)
 

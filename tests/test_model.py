@@ -102,6 +102,31 @@ def test_a_prompt_samples_the_same_image_alone_and_batched_with_a_longer_one():
             assert not torch.allclose(sample(text[1:], mask[1:], noise[:1], negative), batched[:1], atol=1e-3)
 
 
+def test_the_sampler_tells_the_model_once_whether_any_token_is_masked():
+    """guided_velocity_fn works out text_padded in its first step (the model's own check is a host-device sync in
+    every step on a GPU): False only where no mask hides a token, so every step's output is the model's own."""
+    import samplers as S
+    model = perturbed(tiny()).eval()
+    forward, seen = model.forward, []
+
+    def spy(x, t, text, mask, drop=None, text_padded=None):
+        seen.append(text_padded)
+        out = forward(x, t, text, mask, drop, text_padded=text_padded)
+        torch.testing.assert_close(out, forward(x, t, text, mask, drop), atol=1e-5, rtol=1e-4)  # its own check
+        return out
+    model.forward = spy
+    g = torch.Generator().manual_seed(0)
+    noise, text = torch.randn(2, 3, 6, 6, generator=g), torch.randn(2, 5, TEXT_DIM, generator=g)
+    full, short = torch.ones(2, 5, dtype=torch.bool), torch.arange(5)[None] < torch.tensor([[3], [5]])
+    negative = (torch.randn(1, 5, TEXT_DIM, generator=g), torch.ones(1, 5, dtype=torch.bool))
+    for mask, scale, neg, padded in [(full, 1.0, (None, None), False), (short, 1.0, (None, None), True),
+                                     (full, 4.0, (None, None), True),  # the null caption: its first token only
+                                     (full, 4.0, negative, False), (short, 4.0, negative, True)]:
+        seen.clear()
+        S.sample_ode(S.guided_velocity_fn(model, text, mask, scale, S.Prediction("v"), *neg), noise, 3, "euler")
+        assert seen == [padded] * 3, (scale, padded, seen)
+
+
 def test_unmasked_fast_path_matches_masked_path():
     model = perturbed(tiny())
     x, t, text, mask = inputs(lengths=(6, 6))

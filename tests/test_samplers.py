@@ -97,7 +97,7 @@ def test_edm_preconditioning_is_exact_and_passes_x_t_through_at_low_noise(sigma)
     torch.testing.assert_close(S.to_x0(out, x_t, t, "edm", sigma)[1:], x0[1:])
     v = S.to_velocity(out, x_t, t, "edm", 0.05, sigma)
     torch.testing.assert_close(v[1:], S.velocity_target(x0, eps)[1:])
-    guided = S.guided_velocity_fn(lambda x, tt, text, mask, drop=None: out, None, None, 1.0,
+    guided = S.guided_velocity_fn(lambda x, tt, text, mask, drop=None, text_padded=None: out, None, None, 1.0,
                                   S.Prediction("edm", 0.05, sigma))
     torch.testing.assert_close(guided(x_t, t), v)                  # the samplers use the same sigma
     # the velocity form is (x_t - x0_hat) / t, simplified
@@ -314,7 +314,7 @@ class FakeModel:
         self.null = 0.3
         self.calls = []
 
-    def __call__(self, x, t, text, text_mask, drop=None):
+    def __call__(self, x, t, text, text_mask, drop=None, text_padded=None):
         self.calls.append((x.shape[0], None if drop is None else drop.tolist()))
         assert x.shape[0] == t.shape[0] == text.shape[0] == text_mask.shape[0]
         pooled = (text * text_mask[..., None]).sum(1).mean(-1)               # (B,)
