@@ -226,6 +226,30 @@ class BucketBatchSampler(Sampler):
         return self.batches_per_epoch - self.start_batch
 
 
+class BatchStream:
+    """A loader's batches epoch after epoch, from a position a checkpoint holds: (epoch, batches of it taken). A
+    resumed run takes the batch the interrupted one would have taken next (each epoch's order, caption dropout
+    and flips are functions of the seed and the epoch)."""
+
+    def __init__(self, loader, epoch: int = 0, position: int = 0):
+        self.loader, self.epoch, self.position = loader, epoch, position
+        self.batches = self._start()
+
+    def _start(self):
+        self.loader.dataset.set_epoch(self.epoch)
+        self.loader.batch_sampler.set_position(self.epoch, self.position)
+        return iter(self.loader)
+
+    def next(self) -> dict:
+        batch = next(self.batches, None)
+        if batch is None:  # the epoch is finished
+            self.epoch, self.position = self.epoch + 1, 0
+            self.batches = self._start()
+            batch = next(self.batches)
+        self.position += 1
+        return batch
+
+
 def make_loader(cfg: Config, split: str = "train", rank: int = 0, world_size: int = 1, drop_last: bool = False):
     """(DataLoader, BucketBatchSampler, CachedDataset) for a split of the cache."""
     dataset = CachedDataset(cfg, split)

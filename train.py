@@ -110,7 +110,7 @@ def train(cfg: Config) -> dict:
 
 
 def run_training(cfg: Config) -> dict:
-    from dataset import loading_failure, make_loader
+    from dataset import BatchStream, loading_failure, make_loader
     from latents import LatentSpace
     from model import DiTConfig, SingleStreamDiT
     from preprocess import ensure_cache, raise_interrupt
@@ -242,8 +242,8 @@ def run_training(cfg: Config) -> dict:
 
     def checkpoint_state(rng_ranks=None):
         return {"world_size": world, "rng_ranks": rng_ranks, "model": model.state_dict(), "ema": ema_model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "rng": rng_state(gen), "config": to_dict(cfg),
+                "optimizer": optimizer.state_dict(), "step": step, "epoch": stream.epoch,
+                "batch_in_epoch": stream.position, "rng": rng_state(gen), "config": to_dict(cfg),
                 "loss_scale": loss_scale.state_dict() if loss_scale.enabled else None,
                 "train_seconds": time.time() - t_start}
 
@@ -267,13 +267,7 @@ def run_training(cfg: Config) -> dict:
                 raise
             return "peer", why
 
-    def start_epoch(position):
-        """Iterator over this epoch's batches from `position` on (resume restarts mid-epoch)."""
-        train_set.set_epoch(epoch)
-        batch_sampler.set_position(epoch, position)
-        return iter(loader)
-
-    batches = start_epoch(batch_in_epoch)
+    stream = BatchStream(loader, epoch, batch_in_epoch)  # (a resume goes on mid-epoch)
     if cfg.num_workers > 0 and hasattr(signal, "SIGCHLD"):
         # PyTorch's SIGCHLD handler raises wherever the main thread is when a worker dies (e.g. killed for
         # memory): mid-backward or mid-update. Without it the death shows in next() (within 5 s), where a
@@ -297,15 +291,11 @@ def run_training(cfg: Config) -> dict:
             max(step, time_frac * cfg.max_steps) >= cfg.self_consistency_start * cfg.max_steps
         loss_ok = torch.ones((), device=device) if loss_scale.enabled else None  # fp16: was every loss finite?
         # where a resume goes on if this step cannot load its batches (and the noise it draws again)
-        step_start = (epoch, batch_in_epoch)
+        step_start = (stream.epoch, stream.position)
         gen_start = gen.get_state()  # (a forward that runs out of memory has drawn its noise and t already)
         for micro in range(cfg.grad_accum):
             try:
-                batch = next(batches, None)
-                if batch is None:  # epoch finished
-                    epoch, batch_in_epoch = epoch + 1, 0
-                    batches = start_epoch(0)
-                    batch = next(batches)
+                batch = stream.next()
             except Exception as e:  # a damaged or deleted cache file, a killed DataLoader worker
                 why = loading_failure(e)
                 if why is None:
@@ -314,7 +304,6 @@ def run_training(cfg: Config) -> dict:
                     raise CacheError(why) from None
                 fault = "batch", why
                 break
-            batch_in_epoch += 1
             batch = to_device(batch, device, cfg.trim_text)
             sync = world == 1 or micro == cfg.grad_accum - 1
             try:
@@ -345,7 +334,7 @@ def run_training(cfg: Config) -> dict:
         if world > 1 and loss_scale.enabled and not fault:  # every rank must agree (the scale, max_nonfinite)
             fault = all_ranks(dist.all_reduce, loss_ok, op=dist.ReduceOp.MIN)
         if fault:  # the last completed step is checkpointed below; this one
-            epoch, batch_in_epoch = step_start         # runs again on resume
+            stream.epoch, stream.position = step_start  # runs again on resume
             gen.set_state(gen_start)  # this step's noise and t are drawn again
             break
         grad_norm, finite = optimizer_update(model, ema_model, optimizer, cfg, step, loss_scale,
@@ -395,7 +384,7 @@ def run_training(cfg: Config) -> dict:
             stats.unpack_losses(packed)
         if master and log_now:
             elapsed = time.time() - t_log
-            row = {"step": step, "epoch": epoch, **stats.loss_columns(), "lr": lr,
+            row = {"step": step, "epoch": stream.epoch, **stats.loss_columns(), "lr": lr,
                    "grad_norm": grad_norm.item(), "images_per_s": images_since_log / max(elapsed, 1e-9),
                    "nonfinite": n_skipped, "loss_scale": loss_scale.scale.item() if loss_scale.enabled else "",
                    "peak_mem_mb": peak_memory_mb(device),

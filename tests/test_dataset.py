@@ -6,7 +6,7 @@ import torch
 
 import preprocess as P
 from config import get_config
-from dataset import BucketBatchSampler, CachedDataset, collate, make_loader, split_sources
+from dataset import BatchStream, BucketBatchSampler, CachedDataset, collate, make_loader, split_sources
 from tiny_models import make_image_folder, save_tiny_t5
 
 SIZES = [(64, 64), (80, 48), (48, 80), (40, 40), (96, 56), (56, 96), (32, 32)] * 3  # 21 images, 3 buckets
@@ -191,6 +191,29 @@ def test_loader_yields_collated_single_bucket_batches(cache):
     data.set_epoch(1), data2.set_epoch(1), sampler.set_epoch(1), sampler2.set_epoch(1)
     for a, b in zip(loader, loader2):
         assert torch.equal(a["latents"], b["latents"]) and torch.equal(a["drop"], b["drop"])
+
+
+def test_a_batch_stream_goes_on_across_epochs_and_from_a_saved_position(cache):
+    """BatchStream: epoch after epoch (the epoch's own order, caption dropout), its position counting the batches
+    taken; a stream started at a position it reported gives the same batches as the one that reported it."""
+    stream = BatchStream(make_loader(data_cfg(cache), "train")[0])
+    reference, sampler, data = make_loader(data_cfg(cache), "train")
+    n = len(sampler)
+    epochs = []
+    for epoch in (0, 1):
+        data.set_epoch(epoch), sampler.set_epoch(epoch)
+        epochs += list(reference)
+    taken = [stream.next() for _ in range(n + 3)]
+    assert (stream.epoch, stream.position) == (1, 3)
+    for got, expected in zip(taken, epochs):  # epoch 1 in its order, with its caption dropout
+        assert got["captions"] == expected["captions"] and torch.equal(got["drop"], expected["drop"])
+    assert not all(torch.equal(a["drop"], b["drop"]) for a, b in zip(epochs[:n], epochs[n:]))  # (they differ)
+    position = (stream.epoch, stream.position)
+    ahead = [stream.next() for _ in range(n)]
+    again = BatchStream(make_loader(data_cfg(cache), "train")[0], *position)  # a resumed run
+    for a, b in zip(ahead, [again.next() for _ in range(n)]):
+        assert a["captions"] == b["captions"] and torch.equal(a["drop"], b["drop"])
+    assert (again.epoch, again.position) == (stream.epoch, stream.position) == (2, 3)
 
 
 def test_loader_with_drop_last_gives_full_batches_only(cache):
