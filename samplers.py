@@ -325,8 +325,9 @@ def guided_velocity_fn(model, text: torch.Tensor, text_mask: torch.Tensor, cfg_s
     """
     if (neg_text is None) != (neg_mask is None):
         raise ValueError("neg_text and neg_mask must be given together")
-    padded = []  # whether the model's masks hide any token: the same in every step, so worked out in the first
-    # (one host sync) and passed on, instead of the model's own check (a host-device sync in every step)
+    # whether the model's masks hide any token: the same in every step, so worked out in the first (one host
+    # sync) and passed on, instead of the model's own check (a host-device sync in every step)
+    padded = []
 
     def forward(x, t, text, mask, drop):
         if not padded and mask is not None:  # a null caption (drop) attends to its first token only

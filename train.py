@@ -124,9 +124,10 @@ def run_training(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    check_settings(cfg, say=print if master else lambda *a, **k: None)
-    # first: a bad resume= fails before any work (every rank reads it; rank 0 reports)
-    resume_path, ckpt = load_resume_checkpoint(cfg, say=print if master else lambda *a, **k: None)
+    say = print if master else lambda *a, **k: None  # every rank checks; rank 0 reports
+    check_settings(cfg, say)
+    # first: a bad resume= fails before any work
+    resume_path, ckpt = load_resume_checkpoint(cfg, say=say)
     if resume_path:
         check_resume_fits(cfg, resume_path, ckpt)
     if master and resume_path is None:
